@@ -1,0 +1,86 @@
+"""TIS-DPO: DPO with per-token importance weights on the log-ratios (METHODS.md §2)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tidpo import _validation as v
+from tidpo.losses._common import (
+    build_output,
+    check_weights,
+    pair_batch,
+    seq_kl,
+    sequence_sums,
+    split_pairs,
+    weight_metrics,
+)
+from tidpo.losses.output import PreferenceLossOutput
+
+KL_FORMS = ("released", "paper_tdpo1", "paper_tdpo2")
+
+
+def tis_dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *,
+                 ref_logps: torch.Tensor | None = None, ref_logits: torch.Tensor | None = None,
+                 beta: float = 0.1, token_level: bool = False, alpha: float = 0.5,
+                 kl_form: str = "released", ignore_index: int = -100, backend: str | None = None,
+                 chunk_size: int | None = None) -> PreferenceLossOutput:
+    """Token-level importance-sampling DPO (Liu et al., ICLR 2025).
+
+    Weighted margin ``m^w(y) = sum_t w_t rho_t`` over valid tokens (weights are constants).
+
+    As released (``kl_form="released"``, METHODS.md §2.3):
+
+    - ``token_level=False`` (default): ``z = m^w_w - m^w_l``; ``L = -log s(beta z)`` — DPO with
+      token-weighted log-ratios, no KL term. With all weights 1 this is DPO.
+    - ``token_level=True``: ``z = (m^w_w - m^w_l) - alpha (K_w - K_l)`` with
+      ``K = sum_t w_t KL(pi || ref)_t``: policy-first KL, sign (chosen - rejected), no stop-gradient,
+      exactly as the official code.
+
+    The paper's eta term (METHODS.md §2.2; exact notation unverified), ``token_level=True`` with
+    ``K' = sum_t w_t KL(ref || pi)_t``:
+
+    - ``kl_form="paper_tdpo1"``: ``z = (m^w_w - m^w_l) - (K'_l - K'_w)``
+    - ``kl_form="paper_tdpo2"``: ``z = (m^w_w - m^w_l) - alpha (K'_l - sg(K'_w))``
+
+    Rewards: ``beta m^w(y)`` (detached).
+
+    Args:
+        policy_logits: ``[2B, T, V]``; labels: ``[2B, T]``.
+        weights: ``[2B, T]`` token weights aligned with ``labels`` (values at ignored positions are
+            not used); see :mod:`tidpo.weights` for the TIS-DPO transforms.
+        ref_logps / ref_logits: the reference, exactly one; ``token_level=True`` needs ``ref_logits``.
+        beta > 0 (0.1); alpha >= 0 (0.5, token_level only); kl_form: see above.
+
+    Returns:
+        :class:`~tidpo.PreferenceLossOutput`; metrics add ``weights/*`` (and ``kl/*`` with
+        ``token_level``). A pair with no valid token on either side: loss ``log 2``, zero gradient.
+    """
+    v.check_positive(beta, "beta")
+    v.check_non_negative(alpha, "alpha")
+    v.check_choice(kl_form, "kl_form", KL_FORMS)
+    if not isinstance(token_level, bool):
+        raise TypeError(f"token_level must be a bool, got {type(token_level).__name__}")
+    if kl_form != "released" and not token_level:
+        raise ValueError(f"kl_form={kl_form!r} selects a KL term; it needs token_level=True")
+    batch = pair_batch(policy_logits, labels, ref_logps=ref_logps, ref_logits=ref_logits,
+                       ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
+                       require_ref_logits=token_level)
+    check_weights(weights, labels)
+    w = weights.detach().to(batch.policy_logps.dtype)
+    m_w, m_l = split_pairs(sequence_sums(w * batch.log_ratios, batch.mask))
+    z = m_w - m_l
+    extra = weight_metrics(weights, batch.mask)
+    if token_level:
+        ref = ref_logits.detach()
+        if kl_form == "released":
+            k_w, k_l = split_pairs(seq_kl(policy_logits, ref, labels, batch.mask, ignore_index, backend,
+                                          chunk_size, weights=w))
+            z = z - alpha * (k_w - k_l)
+        else:
+            k_w, k_l = split_pairs(seq_kl(ref, policy_logits, labels, batch.mask, ignore_index, backend,
+                                          chunk_size, weights=w))
+            z = z - (k_l - k_w) if kl_form == "paper_tdpo1" else z - alpha * (k_l - k_w.detach())
+        extra.update({"kl/chosen": k_w, "kl/rejected": k_l})
+    losses = -F.logsigmoid(beta * z)
+    return build_output(losses, beta * m_w, beta * m_l, batch, extra)
