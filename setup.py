@@ -28,7 +28,8 @@ setup(
         "peft>=0.13",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "hypothesis>=6"],
+        # setuptools + wheel: tests/test_packaging.py builds the wheel without network build isolation.
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "hypothesis>=6", "setuptools>=70.1", "wheel"],
     },
     entry_points={"console_scripts": ["tidpo=tidpo.cli:main"]},
     classifiers=[
