@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import tidpo
-from tidpo.ops.backend import resolve_backend
+from tidpo.ops.backend import resolve_backend, triton_kernels_available
 
 B, T, V = 2, 4, 9
 
@@ -104,16 +104,32 @@ def test_device_mismatch():
         tidpo.dpo_loss(policy, labels.to("meta"), ref_logits=ref)
     with pytest.raises(ValueError, match="ref_logits is on meta"):
         tidpo.dpo_loss(policy, labels, ref_logits=ref.to("meta"))
+    anchor = tidpo.TripletAnchor(policy[:B].detach().to("meta"), labels[:B].to("meta"), ref_logps=weights[:B])
+    with pytest.raises(ValueError, match="anchor.logits is on meta but policy_logits is on cpu"):
+        tidpo.ti_dpo_loss(policy, ref, labels, weights, anchor=anchor)
 
 
 def test_backend_selection(monkeypatch):
     x = torch.zeros(2, 3)
     monkeypatch.delenv("TIDPO_BACKEND", raising=False)
-    assert resolve_backend(None, x) == "torch"
-    assert resolve_backend("torch", x) == "torch"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for op in ("logps", "kl"):
+        assert resolve_backend(None, x, op=op) == "torch"  # auto: CPU tensors take the chunked torch path
+        assert resolve_backend("torch", x, op=op) == "torch"
+    with pytest.raises(ValueError, match="op must be one of"):
+        resolve_backend("auto", x, op="softmax")
     monkeypatch.setenv("TIDPO_BACKEND", "bogus")
     with pytest.raises(ValueError, match="TIDPO_BACKEND must be one of"):
         resolve_backend(None, x)
     monkeypatch.setenv("TIDPO_BACKEND", "triton")
-    with pytest.raises(RuntimeError, match="backend='triton'"):
+    # Availability is per op. logps has kernels: on CPU without the interpreter they cannot run.
+    assert triton_kernels_available("logps")
+    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
         tidpo.token_logps(torch.randn(2, 3), torch.tensor([0, 1]))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend("triton", x, op="logps") == "triton"
+    # An op without kernels: an explicit request raises (never a silent fallback), auto takes torch.
+    if not triton_kernels_available("kl"):
+        with pytest.raises(RuntimeError, match=r"no fused Triton kernels for this op \(kl\)"):
+            tidpo.token_kl(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]))
+        assert resolve_backend("auto", x, op="kl") == "torch"

@@ -117,6 +117,8 @@ def ti_dpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: t
         losses = losses + kl_coef * 0.5 * (k_w + k_l)
     extra = {"kl/chosen": k_w, "kl/rejected": k_l, **weight_metrics(weights, batch.mask)}
     if anchor is not None and gamma > 0:
+        if isinstance(anchor, TripletAnchor) and isinstance(anchor.logits, torch.Tensor):
+            v.check_same_device(anchor.logits, policy_logits, "anchor.logits", "policy_logits")
         a_rho, a_mask = anchor_log_ratios(anchor, num_pairs, policy_logits.shape[-1], ignore_index, backend,
                                           chunk_size)
         rho_w, rho_l = split_pairs(rho)
