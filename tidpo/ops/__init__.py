@@ -31,13 +31,15 @@ def token_logps_and_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 
     Returns:
         ``(logps, lse)``, both fp32 (fp64 for fp64 logits) with the shape of ``labels``; ``lse`` is
-        not differentiable.
+        not differentiable. At ignored positions ``lse`` is unspecified: the row's log-sum-exp on the
+        torch path, 0 on the Triton path (the kernel skips ignored rows).
     """
     check_logits(logits, "logits")
     check_labels(labels, logits, ignore_index)
-    resolved = resolve_backend(backend, logits)
-    if resolved == "triton":  # pragma: no cover - resolve_backend refuses until kernels exist
-        raise RuntimeError("Triton kernels are not wired in this build")
+    if resolve_backend(backend, logits, op="logps") == "triton":
+        from tidpo.ops.triton_ops import TritonTokenLogps  # imports Triton only when used
+
+        return TritonTokenLogps.apply(logits, labels, ignore_index)
     return ChunkedTokenLogps.apply(logits, labels, ignore_index, _chunk(chunk_size, logits.shape[-1]))
 
 
@@ -90,7 +92,7 @@ def token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tenso
     check_logits(q_logits, "q_logits")
     check_same_logits_shape(q_logits, p_logits, "q_logits", "p_logits")
     check_labels(labels, p_logits, ignore_index, logits_name="p_logits")
-    resolved = resolve_backend(backend, p_logits)
+    resolved = resolve_backend(backend, p_logits, op="kl")
     if resolved == "triton":  # pragma: no cover - resolve_backend refuses until kernels exist
         raise RuntimeError("Triton kernels are not wired in this build")
     return ChunkedTokenKL.apply(p_logits, q_logits, labels, ignore_index,

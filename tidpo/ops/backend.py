@@ -5,35 +5,50 @@
 - ``"torch"``: the chunked PyTorch path (:mod:`tidpo.ops.chunked`), any device.
 - ``"triton"``: the fused Triton kernels (``tidpo.kernels``); on a CPU tensor they only run under
   ``TRITON_INTERPRET=1``.
-- ``"auto"``: Triton for CUDA tensors when the kernels are available, the chunked torch path
-  otherwise.
+- ``"auto"``: Triton for CUDA tensors (float32/float16/bfloat16) when the kernels *for that op*
+  are available, the chunked torch path otherwise (e.g. ``token_kl`` until its kernel exists).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The per-token ops and the kernel module (``tidpo.kernels.<module>``) each one needs.
+KERNEL_MODULES = {"logps": "logps", "kl": "kl"}
 
 
-def triton_kernels_available() -> bool:
-    """True when the fused kernels for the per-token ops are importable."""
+@functools.cache
+def triton_kernels_available(op: str = "logps") -> bool:
+    """True when the fused kernels for ``op`` (``"logps"`` or ``"kl"``) are importable."""
+    if op not in KERNEL_MODULES:
+        raise ValueError(f"op must be one of {', '.join(KERNEL_MODULES)}; got {op!r}")
     try:
-        from tidpo.kernels import logps  # noqa: F401
+        importlib.import_module(f"tidpo.kernels.{KERNEL_MODULES[op]}")
     except ImportError:
         return False
     return True
 
 
-def resolve_backend(backend: str | None, logits: torch.Tensor) -> str:
-    """Return the concrete backend (``"torch"`` or ``"triton"``) for ``logits``.
+def resolve_backend(backend: str | None, logits: torch.Tensor, op: str = "logps") -> str:
+    """Return the concrete backend (``"torch"`` or ``"triton"``) for ``op`` on ``logits``.
+
+    Availability is per op: ``"auto"`` picks Triton only for CUDA tensors the kernels take
+    (float32/float16/bfloat16, unit stride along V) when that op's kernels exist, so an op without
+    kernels (or float64 logits) runs on the chunked torch path; an explicit ``"triton"`` never falls
+    back (it raises here, or the kernel launcher raises on an unsupported dtype/layout).
 
     Raises:
-        ValueError: unknown backend name (argument or ``TIDPO_BACKEND``).
+        ValueError: unknown backend name (argument or ``TIDPO_BACKEND``) or op.
         RuntimeError: ``"triton"`` was asked for but the kernels cannot run here.
     """
+    if op not in KERNEL_MODULES:
+        raise ValueError(f"op must be one of {', '.join(KERNEL_MODULES)}; got {op!r}")
     source = "backend"
     if backend is None:
         backend = os.environ.get("TIDPO_BACKEND", "auto")
@@ -41,14 +56,15 @@ def resolve_backend(backend: str | None, logits: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto":
-        if logits.device.type == "cuda" and triton_kernels_available():
+        kernel_layout = logits.dtype in _KERNEL_DTYPES and (logits.shape[-1] == 1 or logits.stride(-1) == 1)
+        if logits.device.type == "cuda" and kernel_layout and triton_kernels_available(op):
             return "triton"
         return "torch"
     if backend == "triton":
-        if not triton_kernels_available():
+        if not triton_kernels_available(op):
             raise RuntimeError(
-                "backend='triton' was requested but this tidpo build has no fused Triton kernels for "
-                "this op yet; use backend='torch' (the chunked PyTorch path) or 'auto'"
+                f"backend='triton' was requested but this tidpo build has no fused Triton kernels for "
+                f"this op ({op}) yet; use backend='torch' (the chunked PyTorch path) or 'auto'"
             )
         if logits.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise RuntimeError(

@@ -133,6 +133,14 @@ def _kl_terms(logp: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, tor
     return p, terms
 
 
+def _kl_chunk(p_chunk, q_chunk, cdtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KL(p || q), lse_p, lse_q) of one chunk; its [chunk, V] temporaries die when it returns."""
+    logp, lse_p = _log_softmax_chunk(p_chunk, cdtype)
+    logq, lse_q = _log_softmax_chunk(q_chunk, cdtype)
+    _, terms = _kl_terms(logp, logq)
+    return terms.sum(-1), lse_p, lse_q
+
+
 class ChunkedTokenKL(torch.autograd.Function):
     """Per-position ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` over the full vocabulary.
 
@@ -151,11 +159,8 @@ class ChunkedTokenKL(torch.autograd.Function):
         lse_p = torch.zeros_like(kl)
         lse_q = torch.zeros_like(kl)
         for idx in chunk_index(p_logits.shape, chunk_size):
-            valid = labels[idx] != ignore_index
-            logp, lse_p[idx] = _log_softmax_chunk(p_logits[idx], cdtype)
-            logq, lse_q[idx] = _log_softmax_chunk(q_logits[idx], cdtype)
-            _, terms = _kl_terms(logp, logq)
-            kl[idx] = torch.where(valid, terms.sum(-1), 0.0)
+            chunk_kl, lse_p[idx], lse_q[idx] = _kl_chunk(p_logits[idx], q_logits[idx], cdtype)
+            kl[idx] = torch.where(labels[idx] != ignore_index, chunk_kl, 0.0)
         ctx.save_for_backward(p_logits, q_logits, labels, lse_p, lse_q, kl)
         ctx.ignore_index = ignore_index
         ctx.chunk_size = chunk_size

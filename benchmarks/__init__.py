@@ -1,0 +1,1 @@
+"""Benchmarks for tidpo (run as modules, e.g. ``python -m benchmarks.memory_cpu``)."""

@@ -1,0 +1,563 @@
+"""Fused Triton per-token log-prob kernels (``tidpo.kernels.logps``) and ``TritonTokenLogps``.
+
+Three kinds of tests, by marker:
+
+- ``interpreter``: the kernels run on CPU in the Triton interpreter and are checked against the float64
+  reference (forward logp / lse / entropy, backward dlogits) and against the chunked torch path.
+- ``compile_only``: every kernel variant is compiled with ``triton.compile`` for sm_80 and sm_90
+  (no GPU needed: Triton ships ``ptxas``), which catches everything the interpreter does not
+  (types, layouts, register spills).
+- ``gpu``: the same value/gradient checks at realistic shapes on a CUDA device; skipped without one.
+
+How the interpreter tests are isolated. ``TRITON_INTERPRET=1`` only takes effect for kernels
+decorated *after* it is set (``@triton.jit`` picks the interpreter at decoration time, i.e. when
+``tidpo.kernels.logps`` is imported), and the rest of the suite must import the compiled kernels.
+Flipping the variable inside this process would depend on import order and leak into other test
+files, so instead ``test_interpreter_suite`` runs this very file in ONE fresh ``python -m pytest``
+subprocess with ``TRITON_INTERPRET=1`` set from the start and ``-o python_functions=interp_*``: in
+that subprocess only the ``interp_*`` functions below are collected (and none of the ``test_*``
+ones); in the normal run only the ``test_*`` functions are. One subprocess pays the torch/triton
+import once; its pytest report (one line per ``interp_*`` case) is shown when it fails. In that
+subprocess the interpreter's fp32 -> bf16 cast is made to round to nearest like the GPU (see
+``_interpreter_bf16_rounds_to_nearest``).
+
+Shapes on purpose: V = 7 (tiny, odd, one partial tile), V = 100 with 64-wide tiles and V = 1031 with
+256-wide tiles (several tiles, the last one partial; test-only ``block_v`` override), V = 1031 in one
+default 2048-wide tile (2-D logits), V = 32000 (realistic, 4 default 8192-wide tiles, few rows).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import IGNORE, assert_rel_close, assert_within_torch_error, make_labels, make_logits
+from tidpo import reference as R
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+ROOT = Path(__file__).resolve().parents[1]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HAS_CUDA = torch.cuda.is_available()
+
+kernels = pytest.importorskip("tidpo.kernels.logps", reason="Triton is not installed")
+token_logps_fwd, token_logps_bwd = kernels.token_logps_fwd, kernels.token_logps_bwd
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared checks (used by the interpreter and the GPU tests)
+# ----------------------------------------------------------------------------------------------
+
+
+def _entropy64(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE) -> torch.Tensor:
+    """``-sum_v p_v log p_v`` in float64 with 0 log 0 = 0; 0 at ignored positions."""
+    logp = torch.log_softmax(logits.detach().double(), -1)
+    p = logp.exp()
+    h = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    return torch.where(labels != ignore_index, h, torch.zeros_like(h))
+
+
+def _check_against_reference(logits, labels, grad_out, *, block_v=None, ignore_index=IGNORE, rel=1e-5):
+    """Kernel forward (logp, lse, entropy) and backward vs float64 on the same values and torch in dtype."""
+    dtype, valid = logits.dtype, labels != ignore_index
+    logps, lse, ent = token_logps_fwd(logits, labels, ignore_index, with_entropy=True, block_v=block_v)
+    logps2, lse2, no_ent = token_logps_fwd(logits, labels, ignore_index, block_v=block_v)
+    assert no_ent is None and torch.equal(logps, logps2) and torch.equal(lse, lse2), "HAS_ENTROPY changed logps"
+    assert logps.dtype == lse.dtype == ent.dtype == torch.float32 and logps.shape == labels.shape
+
+    x64 = logits.detach().double()
+    assert_rel_close(logps, R.token_logps(x64, labels, ignore_index), rel, "logps")
+    assert_rel_close(lse, torch.where(valid, torch.logsumexp(x64, -1), 0.0), rel, "lse")
+    assert_rel_close(ent, _entropy64(x64, labels, ignore_index), rel, "entropy")
+    for name, out in (("logps", logps), ("lse", lse), ("entropy", ent)):
+        assert torch.all(out[~valid] == 0), f"{name} must be 0 at ignored positions"
+
+    dlogits = token_logps_bwd(logits, labels, lse, grad_out.float(), ignore_index, block_v=block_v)
+    assert dlogits.dtype == dtype and dlogits.shape == logits.shape and dlogits.is_contiguous()
+    truth_in = x64.clone().requires_grad_(True)
+    (truth_grad,) = torch.autograd.grad(R.token_logps(truth_in, labels, ignore_index), truth_in, grad_out.double())
+    base_in = logits.detach().clone().requires_grad_(True)
+    base = R.token_logps(base_in, labels, ignore_index)
+    (base_grad,) = torch.autograd.grad(base, base_in, grad_out.to(base.dtype))
+    assert_within_torch_error(dlogits, truth_grad, base_grad, atol=1e-6, what=f"dlogits {dtype}")
+    assert torch.all(dlogits[~valid] == 0), "ignored positions must get a zero gradient row"
+
+
+def _case(shape, dtype, *, strided=True, masked_rows=(1,), seed=0, device="cpu"):
+    """Logits (a strided ``[:, :-1]`` view for 3-D when ``strided``), labels with ~25 % ignored, grads."""
+    if len(shape) == 2:
+        n, vocab = shape
+        logits = make_logits((n, vocab), dtype, seed=seed)
+        labels = make_labels(1, n, vocab, masked_rows=(), seed=seed + 1)[0]
+        labels[: n // 4] = IGNORE  # a run of ignored positions (the prompt)
+    else:
+        rows, length, vocab = shape
+        full = make_logits((rows, length + int(strided), vocab), dtype, seed=seed)
+        logits = full[:, :-1] if strided else full
+        labels = make_labels(rows, length, vocab, masked_rows=masked_rows, seed=seed + 1)
+    grad_out = torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
+    return logits.to(device), labels.to(device), grad_out.to(device)
+
+
+def _inplace_gives_same_gradient(dtype, device="cpu", shape=(3, 9, 300)):
+    from tidpo.ops.triton_ops import TritonTokenLogps
+
+    rows, length, vocab = shape
+    w = make_logits(shape, dtype).to(device).requires_grad_(True)
+    labels = make_labels(rows, length - 1, vocab, masked_rows=(1,)).to(device)
+    g = torch.randn(rows, length - 1, device=device)
+    grads, bases = [], []
+    for inplace in (False, True):
+        base = w * 1  # a non-leaf the op may overwrite, like a model's output logits
+        out, _ = TritonTokenLogps.apply(base[:, :-1], labels, IGNORE, inplace)
+        (grad,) = torch.autograd.grad(out, w, g)
+        grads.append(grad)
+        bases.append(base.detach())
+    assert torch.equal(grads[0], grads[1]), "in-place backward must give the same gradient"
+    assert torch.equal(bases[0], w.detach()), "the default backward must leave the logits intact"
+    assert torch.equal(bases[1][:, :-1], grads[1][:, :-1]), "in place: the logits buffer now holds dlogits"
+
+
+# ----------------------------------------------------------------------------------------------
+# Interpreter tests: collected only inside test_interpreter_suite's TRITON_INTERPRET=1 subprocess
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_bf16_rounds_to_nearest():
+    """Make the interpreter's fp32 -> bf16 cast round to nearest even, as the GPU's ``cvt.rn`` does.
+
+    Triton 3.9's interpreter converts fp32 to bf16 by truncation (``_convert_float`` is called with
+    ``rounding_mode=None`` from ``cast_impl``): up to 1 bf16 ulp of error where the GPU has 0.5, which
+    would make the bf16 gradient checks measure the interpreter instead of the kernel. Patched only in
+    the interpreter subprocess; ``interp_bf16_cast_rounds_to_nearest`` proves the patch is in effect.
+    """
+    if not INTERPRET:
+        yield
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter._convert_float
+
+    def convert(data, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
+            as_bf16 = torch.from_numpy(np.ascontiguousarray(data).view(np.float32)).to(torch.bfloat16)
+            return as_bf16.view(torch.int16).numpy().view(np.uint16).reshape(data.shape)
+        return original(data, input_dtype, output_dtype, rounding_mode)
+
+    interpreter._convert_float = convert
+    yield
+    interpreter._convert_float = original
+
+
+@pytest.mark.interpreter
+def interp_bf16_cast_rounds_to_nearest():
+    """The kernel's bf16 store rounds like torch (RTNE): an exact check through the backward kernel."""
+    vocab = 4096
+    logits = torch.zeros(1, vocab, dtype=torch.bfloat16)  # p = 1/V for every entry
+    labels = torch.tensor([0])
+    # g * (1 - 1/V) = 1 + 2**-8 + 2**-10: 0.625 bf16 ulp above 1, so RTNE gives 1 + 2**-7, truncation 1.
+    g = torch.tensor([(1.0 + 2**-8 + 2**-10) / (1 - 1 / vocab)])
+    _, lse, _ = token_logps_fwd(logits, labels)
+    dlogits = token_logps_bwd(logits, labels, lse, g)
+    assert float(dlogits[0, 0]) == 1.0 + 2**-7, float(dlogits[0, 0])
+
+INTERP_SHAPES = [
+    ((4, 6, 7), None),  # tiny odd V, one partial 16-wide tile
+    ((3, 5, 100), 64),  # V ~ 1.5 tiles
+    ((3, 4, 1031), 256),  # 5 tiles, the last one 7 wide
+    ((37, 1031), None),  # 2-D [N, V], one default 2048-wide tile
+    ((2, 3, 32000), None),  # realistic V: 4 default 8192-wide tiles, the last partial
+]
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,block_v", INTERP_SHAPES, ids=lambda v: str(v))
+def interp_values_and_grads(dtype, shape, block_v):
+    logits, labels, grad_out = _case(shape, dtype)
+    _check_against_reference(logits, labels, grad_out, block_v=block_v)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def interp_triton_backend_matches_torch_backend(dtype):
+    """tidpo.token_logps / dpo_loss: backend='triton' (kernels) == backend='torch' (chunked path)."""
+    import tidpo
+    from tidpo.ops import token_logps_and_lse
+
+    logits, labels, grad_out = _case((4, 6, 1031), dtype, masked_rows=(2,), seed=3)
+    outs, grads = [], []
+    for backend in ("triton", "torch"):
+        x = logits.detach().clone().requires_grad_(True)
+        out = tidpo.token_logps(x, labels, backend=backend)
+        (grad,) = torch.autograd.grad(out, x, grad_out.float())
+        outs.append(out)
+        grads.append(grad)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1])  # dtype-aware defaults: a rounding step in dtype
+    _, lse_triton = token_logps_and_lse(logits, labels, backend="triton")
+    _, lse_torch = token_logps_and_lse(logits, labels, backend="torch")
+    valid = labels != IGNORE
+    torch.testing.assert_close(lse_triton[valid], lse_torch[valid], rtol=1e-6, atol=1e-6)
+    assert torch.all(lse_triton[~valid] == 0)
+
+    ref = make_logits(logits.shape, dtype, seed=9)
+    losses = []
+    for backend in ("triton", "torch"):
+        x = logits.detach().clone().requires_grad_(True)
+        res = tidpo.dpo_loss(x, labels, ref_logits=ref, beta=0.1, backend=backend)
+        losses.append((res.loss, torch.autograd.grad(res.loss, x)[0]))
+    torch.testing.assert_close(losses[0][0], losses[1][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(losses[0][1], losses[1][1])
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def interp_inplace_gives_same_gradient(dtype):
+    _inplace_gives_same_gradient(dtype)
+
+
+@pytest.mark.interpreter
+def interp_deterministic():
+    logits, labels, grad_out = _case((3, 4, 1031), torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        logps, lse, ent = token_logps_fwd(logits, labels, with_entropy=True, block_v=256)
+        runs.append((logps, lse, ent, token_logps_bwd(logits, labels, lse, grad_out, block_v=256)))
+    for a, b in zip(*runs, strict=True):
+        assert torch.equal(a, b), "two runs must be bitwise equal"
+
+
+@pytest.mark.interpreter
+def interp_underflow_and_minus_inf_tiles_stay_finite():
+    """Gaps > 104 nats (exp underflows in fp32) and whole -inf tiles (masked vocabulary) give no NaN."""
+    V, block = 64, 16
+    x = torch.zeros(4, V)
+    x[0, 0] = 150.0  # every other token has probability exp(-150) = 0 in fp32
+    x[1, :32] = float("-inf")  # the first two tiles are entirely -inf: m stays -inf for two steps
+    x[1, 40] = 150.0
+    x[2, :16] = -1e4  # an early tile far below the later max: its terms rescale to exactly 0
+    x[2, 50] = 30.0
+    x[3, 5::7] = float("-inf")  # scattered -inf entries in every tile
+    labels = torch.tensor([3, 33, 2, 4])
+    grad_out = torch.tensor([1.0, -2.0, 0.5, 1.5], dtype=torch.float64)
+    logps, lse, ent = token_logps_fwd(x, labels, with_entropy=True, block_v=block)
+    for name, out in (("logps", logps), ("lse", lse), ("entropy", ent)):
+        assert torch.isfinite(out).all(), f"{name}: {out}"
+    assert float(logps[0]) == pytest.approx(-150.0, rel=1e-6)
+    assert float(logps[1]) == pytest.approx(-150.0, rel=1e-6)
+    _check_against_reference(x, labels, grad_out, block_v=block, rel=1e-6)
+    dlogits = token_logps_bwd(x, labels, lse, grad_out.float(), block_v=block)
+    assert torch.isfinite(dlogits).all()
+    assert torch.all(dlogits[1, :32] == 0) and torch.all(dlogits[3, 5::7] == 0), "p = 0 at -inf logits"
+
+
+@pytest.mark.interpreter
+def interp_int32_labels_and_custom_ignore_index():
+    logits, labels, grad_out = _case((3, 5, 100), torch.float32)
+    labels = torch.where(labels == IGNORE, -1, labels)
+    ref = token_logps_fwd(logits, labels, -1, block_v=32)
+    got = token_logps_fwd(logits, labels.int(), -1, block_v=32)
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])
+    _check_against_reference(logits, labels.int(), grad_out, block_v=32, ignore_index=-1)
+    # -100 is an ordinary (out-of-range) label when ignore_index is -1: flagged as NaN, never read.
+    labels[0, 0] = IGNORE
+    assert torch.isnan(token_logps_fwd(logits, labels, -1)[0][0, 0])
+
+
+@pytest.mark.interpreter
+def interp_empty_and_fully_masked():
+    logits = make_logits((2, 3, 11), torch.float16)
+    labels = torch.full((2, 3), IGNORE)
+    logps, lse, ent = token_logps_fwd(logits, labels, with_entropy=True)
+    assert torch.all(logps == 0) and torch.all(lse == 0) and torch.all(ent == 0)
+    assert torch.all(token_logps_bwd(logits, labels, lse, torch.ones(2, 3)) == 0)
+    empty = make_logits((0, 11), torch.float32)
+    out = token_logps_fwd(empty, torch.zeros(0, dtype=torch.long))
+    assert out[0].shape == (0,) and token_logps_bwd(empty, torch.zeros(0, dtype=torch.long), out[1],
+                                                    out[0]).shape == (0, 11)
+
+
+try:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a dev dependency
+    given = None
+
+if given is not None:
+
+    @pytest.mark.interpreter
+    @settings(max_examples=15, deadline=None, database=None, derandomize=True)
+    @given(
+        dtype=st.sampled_from(DTYPES),
+        rows=st.integers(1, 3),
+        length=st.integers(1, 6),
+        vocab=st.integers(1, 300),
+        block_v=st.sampled_from([None, 16, 32, 64]),
+        ignore_frac=st.sampled_from([0.0, 0.25, 0.6, 1.0]),
+        layout=st.sampled_from(["3d", "3d-strided", "2d"]),
+        seed=st.integers(0, 2**16),
+    )
+    def interp_fuzz_shapes_masks_dtypes(dtype, rows, length, vocab, block_v, ignore_frac, layout, seed):
+        full = make_logits((rows, length + 1, vocab), dtype, seed=seed)
+        logits = {"3d": full[:, 1:].contiguous(), "3d-strided": full[:, :-1], "2d": full[0]}[layout]
+        labels = make_labels(rows, length + 1, vocab, ignore_frac=ignore_frac, seed=seed + 1)
+        labels = labels[0] if layout == "2d" else labels[:, :-1]
+        grad_out = torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        _check_against_reference(logits, labels, grad_out, block_v=block_v)
+
+
+@pytest.mark.interpreter
+@pytest.mark.skipif(INTERPRET, reason="this test is the driver that starts the interpreter subprocess")
+def test_interpreter_suite():
+    """Run every ``interp_*`` case above under ``TRITON_INTERPRET=1`` in one subprocess (see module doc)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
+           "-o", "python_functions=interp_*", "-m", "interpreter"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    report = (proc.stdout + proc.stderr)[-12000:]
+    assert proc.returncode == 0, f"interpreter tests failed (rc={proc.returncode}):\n{report}"
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    expected = _count_interp_cases()
+    assert passed and int(passed.group(1)) == expected, f"expected {expected} interpreter cases to pass:\n{report}"
+    print(proc.stdout.strip().splitlines()[-1])
+
+
+def _count_interp_cases() -> int:
+    """Cases the subprocess must run: every ``interp_*`` function times its parametrizations."""
+    total = 0
+    for name, fn in globals().items():
+        if name.startswith("interp_") and callable(fn):
+            cases = 1
+            for mark in getattr(fn, "pytestmark", []):
+                if mark.name == "parametrize":
+                    cases *= len(mark.args[1])
+            total += cases
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile-only: every kernel variant for sm_80 and sm_90 without a GPU
+# ----------------------------------------------------------------------------------------------
+
+SIGNATURES = [] if INTERPRET else kernels.compile_signatures()
+SMALL_SIGNATURES = [] if INTERPRET else kernels.compile_signatures(vocab=100)  # BLOCK_V 128, 1 warp
+
+
+@pytest.fixture(scope="module")
+def fresh_triton_cache(tmp_path_factory):
+    """A private, empty Triton cache: every variant really goes through the compiler and ptxas."""
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("TRITON_CACHE_DIR", None)
+    else:
+        os.environ["TRITON_CACHE_DIR"] = saved
+
+
+def _compile(entry, capability):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(entry["fn"], entry["signature"], entry["constexprs"], entry["attrs"])
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=entry["options"])
+
+
+def _resource_usage(cubin: bytes, tmp_path) -> str:
+    """``cuobjdump -res-usage`` of a cubin (registers, spills as LOCAL), with Triton's bundled tool."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        tool = shutil.which("cuobjdump")
+        if tool is None:
+            pytest.skip("no cuobjdump to read the register usage")
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    return subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.compile_only
+@pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process; nothing to compile")
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("entry", SIGNATURES, ids=[e["name"] for e in SIGNATURES])
+def test_compiles_for_sm80_sm90(entry, capability, fresh_triton_cache, tmp_path):
+    compiled = _compile(entry, capability)
+    cubin = compiled.asm["cubin"]
+    assert isinstance(cubin, bytes) and len(cubin) > 1000 and cubin[:4] == b"\x7fELF"
+    assert f".target sm_{capability}" in compiled.asm["ptx"]
+    usage = _resource_usage(cubin, tmp_path)
+    assert "LOCAL:0" in usage, f"register spills (local memory) in {entry['name']}:\n{usage}"
+    assert "STACK:0" in usage, usage
+
+
+@pytest.mark.compile_only
+@pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process; nothing to compile")
+@pytest.mark.parametrize("entry", SMALL_SIGNATURES, ids=[e["name"] for e in SMALL_SIGNATURES])
+def test_compiles_small_vocab_config(entry, fresh_triton_cache):
+    assert entry["constexprs"]["BLOCK_V"] == 128 and entry["options"]["num_warps"] == 1
+    assert len(_compile(entry, 90).asm["cubin"]) > 1000
+
+
+def test_compile_signatures_cover_every_variant():
+    if INTERPRET:
+        with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
+            kernels.compile_signatures()
+        return
+    names = {e["name"] for e in SIGNATURES}
+    # 3 logits dtypes x 2 label dtypes x (fwd, fwd+entropy, bwd)
+    assert len(names) == len(SIGNATURES) == 18
+    for entry in SIGNATURES:
+        params = entry["fn"].arg_names
+        assert list(entry["signature"]) == params, entry["name"]
+        constexprs = {p for p, ty in entry["signature"].items() if ty == "constexpr"}
+        assert constexprs == set(entry["constexprs"]) <= {"BLOCK_V", "HAS_ENTROPY"}, "runtime scalars stay runtime"
+
+
+def test_kernel_config():
+    assert kernels.kernel_config(7) == (16, 1)
+    assert kernels.kernel_config(1031) == (2048, 4)
+    assert kernels.kernel_config(4096) == (4096, 8)
+    assert kernels.kernel_config(32000) == (8192, 16)
+    assert kernels.kernel_config(128256) == (8192, 16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher argument errors (normal process: every check runs before the device check)
+# ----------------------------------------------------------------------------------------------
+
+
+def _fwd_errors():
+    x = make_logits((2, 3, 11), torch.float32)
+    y = make_labels(2, 3, 11)
+    return [
+        ((x.tolist(), y), TypeError, "logits must be a torch.Tensor"),
+        ((x.double(), y), TypeError, "logits must be float32, float16 or bfloat16"),
+        ((x.long(), y), TypeError, "logits must be float32"),
+        ((x[0, 0], y), ValueError, r"logits must have shape \[N, V\] or \[R, T, V\]"),
+        ((x.unsqueeze(0), y), ValueError, "logits must have shape"),
+        ((x[..., :0], y), ValueError, "logits has an empty vocabulary"),
+        ((x.transpose(1, 2)[:, :3], y), ValueError, "logits must have unit stride along the vocabulary"),
+        ((x, y.float()), TypeError, "labels must be an integer tensor"),
+        ((x, y.to(torch.int16)), TypeError, "labels must be an integer tensor"),
+        ((x, y[:, :2]), ValueError, "labels shape"),
+        ((x, y.to("meta")), ValueError, "labels is on meta but logits is on cpu"),
+        ((x, y, 1.5), TypeError, "ignore_index must be an int"),
+    ]
+
+
+@pytest.mark.parametrize("args,exc,match", _fwd_errors())
+def test_fwd_launcher_argument_errors(args, exc, match):
+    with pytest.raises(exc, match=match):
+        token_logps_fwd(*args)
+
+
+def test_bwd_launcher_argument_errors():
+    x = make_logits((2, 3, 11), torch.bfloat16)
+    y = make_labels(2, 3, 11)
+    lse, g = torch.zeros(2, 3), torch.ones(2, 3)
+    cases = [
+        ((x, y, lse.double(), g), {}, TypeError, "lse must be the float32 log-sum-exp"),
+        ((x, y, lse[:, :2], g), {}, ValueError, "lse shape"),
+        ((x, y, lse, g.long()), {}, TypeError, "grad_logps must be floating point"),
+        ((x, y, lse, g[0]), {}, ValueError, "grad_logps shape"),
+        ((x, y, lse, g, -100.0), {}, TypeError, "ignore_index must be an int"),
+        ((x[:1].expand(2, 3, 11), y, lse, g), {"inplace": True}, ValueError,
+         "logits has overlapping rows"),
+        ((x, y, lse, g), {"block_v": 48}, ValueError, "block_v must be a power of two"),
+        ((x, y, lse, g), {"num_warps": 3}, ValueError, "num_warps must be"),
+    ]
+    for args, kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            token_logps_bwd(*args, **kwargs)
+
+
+@pytest.mark.skipif(INTERPRET, reason="CPU tensors are allowed under the interpreter")
+def test_cpu_tensors_need_the_interpreter():
+    x, y = make_logits((2, 11), torch.float32), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="logits is on cpu; the Triton kernels need CUDA tensors"):
+        token_logps_fwd(x, y)
+    with pytest.raises(ValueError, match="logits is on cpu"):
+        token_logps_bwd(x, y, torch.zeros(2), torch.ones(2))
+
+
+def test_rows_overlap():
+    x = torch.zeros(3, 5, 7)
+    assert not kernels._rows_overlap(x)
+    assert not kernels._rows_overlap(x[:, :-1])
+    assert not kernels._rows_overlap(torch.zeros(5, 3, 7).transpose(0, 1))
+    assert kernels._rows_overlap(torch.zeros(1, 5, 7).expand(3, 5, 7))
+    assert kernels._rows_overlap(torch.zeros(3, 7).unsqueeze(1).expand(3, 4, 7))
+    assert not kernels._rows_overlap(torch.zeros(1, 1, 7).expand(1, 1, 7))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: the same checks at realistic shapes (skipped without CUDA)
+# ----------------------------------------------------------------------------------------------
+
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,block_v", [((4, 256, 32000), None), ((2, 64, 128256), None),
+                                           ((8, 128, 5003), 1024), ((300, 1031), None)], ids=str)
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_values_and_grads(dtype, shape, block_v):
+    logits, labels, grad_out = _case(shape, dtype, device="cuda")
+    _check_against_reference(logits, labels, grad_out, block_v=block_v)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_backend_dispatch_and_inplace(dtype):
+    import tidpo
+    from tidpo.ops.backend import resolve_backend, triton_kernels_available
+
+    logits, labels, grad_out = _case((4, 128, 32000), dtype, device="cuda")
+    assert resolve_backend("auto", logits, op="logps") == "triton"
+    if not triton_kernels_available("kl"):
+        assert resolve_backend("auto", logits, op="kl") == "torch"
+    outs = []
+    for backend in ("triton", "torch"):
+        x = logits.detach().clone().requires_grad_(True)
+        out = tidpo.token_logps(x, labels, backend=backend)
+        outs.append((out, torch.autograd.grad(out, x, grad_out.float())[0]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    _inplace_gives_same_gradient(dtype, "cuda", shape=(4, 65, 32000))
+    runs = [token_logps_fwd(logits, labels, with_entropy=True) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True)), "two runs must be bitwise equal"
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_more_than_2_31_elements():
+    """N * V > 2**31: int64 offsets. Checked on the last rows, where int32 offsets would wrap."""
+    vocab, n = 128256, 2**31 // 128256 + 64
+    if torch.cuda.get_device_properties(0).total_memory < 3 * n * vocab * 2 + 2**30:
+        pytest.skip("not enough GPU memory for two bf16 [N, 128256] tensors")
+    logits = torch.empty(n, vocab, dtype=torch.bfloat16, device="cuda")
+    logits.normal_(0, 3, generator=torch.Generator("cuda").manual_seed(0))
+    labels = torch.randint(0, vocab, (n,), device="cuda")
+    logps, lse, _ = token_logps_fwd(logits, labels)
+    tail = slice(n - 64, n)
+    truth = R.token_logps(logits[tail].double(), labels[tail])
+    assert_rel_close(logps[tail], truth, 1e-5, "logps beyond 2**31 elements")
+    dlogits = token_logps_bwd(logits, labels, lse, torch.ones(n, device="cuda"))
+    x = logits[tail].double().requires_grad_(True)
+    (truth_grad,) = torch.autograd.grad(R.token_logps(x, labels[tail]).sum(), x)
+    assert (dlogits[tail].double() - truth_grad).abs().max() < 1e-2
