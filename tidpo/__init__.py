@@ -8,6 +8,7 @@ rejected; ``logits[:, t]`` predicts ``labels[:, t]``; ``labels == -100`` marks p
 from tidpo.losses import (
     DPOLoss,
     PreferenceLossOutput,
+    SequencePacking,
     TDPOLoss,
     TIDPOLoss,
     TISDPOLoss,
@@ -22,6 +23,6 @@ from tidpo.ops import token_kl, token_logps
 __version__ = "0.1.0"
 
 __all__ = [
-    "DPOLoss", "PreferenceLossOutput", "TDPOLoss", "TIDPOLoss", "TISDPOLoss", "TripletAnchor", "dpo_loss",
-    "tdpo_loss", "ti_dpo_loss", "tis_dpo_loss", "token_kl", "token_logps",
+    "DPOLoss", "PreferenceLossOutput", "SequencePacking", "TDPOLoss", "TIDPOLoss", "TISDPOLoss", "TripletAnchor",
+    "dpo_loss", "tdpo_loss", "ti_dpo_loss", "tis_dpo_loss", "token_kl", "token_logps",
 ]

@@ -8,35 +8,57 @@ import torch
 
 from tidpo import _validation as v
 from tidpo.losses.output import PreferenceLossOutput
+from tidpo.losses.packing import SequencePacking, check_packing, sequence_rows
 from tidpo.ops import token_kl, token_logps
 
 
 @dataclass
 class PairBatch:
-    """Validated per-token quantities of 2B stacked rows (rows [0, B) chosen, [B, 2B) rejected).
+    """Validated per-token quantities of B preference pairs and how to reduce them per sequence.
 
-    ``policy_logps``/``ref_logps`` are fp32 ``[2B, T]`` (fp64 for fp64 logits), 0 where masked;
-    ``mask`` is ``labels != ignore_index``.
+    ``policy_logps``/``ref_logps`` are fp32 (fp64 for fp64 logits) shaped like the labels — ``[2B, T]``
+    padded or ``[N]``/``[1, N]`` packed — and 0 where masked; ``mask`` is ``labels != ignore_index``;
+    ``segments`` is ``None`` (padded: row r is sequence r) or the stacked per-token sequence index ``[N]``.
+    Sequences [0, B) are the chosen responses, [B, 2B) the rejected ones.
     """
 
     policy_logps: torch.Tensor
     ref_logps: torch.Tensor
     mask: torch.Tensor
+    num_pairs: int
+    segments: torch.Tensor | None = None
 
     @property
     def log_ratios(self) -> torch.Tensor:
-        """``rho_t = log pi(y_t) - log ref(y_t)`` on valid tokens, 0 elsewhere; ``[2B, T]``."""
+        """``rho_t = log pi(y_t) - log ref(y_t)`` on valid tokens, 0 elsewhere."""
         return torch.where(self.mask, self.policy_logps - self.ref_logps, 0.0)
 
+    def rows(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token ``values`` as one row per sequence: ``([2B, L], mask [2B, L])``."""
+        return sequence_rows(values, self.mask, self.segments, 2 * self.num_pairs)
 
-def check_pair_logits(policy_logits, labels, ignore_index: int) -> int:
+    def sums(self, values: torch.Tensor) -> torch.Tensor:
+        """``[2B]``: per-sequence sum of ``values`` over valid tokens (deterministic reduction)."""
+        return self.rows(values)[0].sum(-1)
+
+    def counts(self) -> torch.Tensor:
+        """``[2B]``: number of valid tokens per sequence."""
+        return self.rows(self.mask.to(self.policy_logps.dtype))[0].sum(-1)
+
+
+def check_pair_logits(policy_logits, labels, ignore_index: int, packing) -> int:
     """Checks shared by every pair loss; returns B."""
     v.check_logits(policy_logits, "policy_logits")
-    if policy_logits.dim() != 3:
-        raise ValueError(
-            f"policy_logits must have shape [2B, T, V] for a preference loss, got {tuple(policy_logits.shape)}"
-        )
+    if packing is None and policy_logits.dim() != 3:
+        raise ValueError(f"policy_logits must have shape [2B, T, V] for a preference loss (or pass packing= for "
+                         f"packed [N, V] / [1, N, V] logits), got {tuple(policy_logits.shape)}")
+    if packing is not None and policy_logits.dim() == 3 and policy_logits.shape[0] != 1:
+        raise ValueError(f"packed policy_logits must have shape [N, V] or [1, N, V], got "
+                         f"{tuple(policy_logits.shape)}")
     v.check_labels(labels, policy_logits, ignore_index, logits_name="policy_logits")
+    if packing is not None:
+        check_packing(packing, labels, ignore_index)
+        return packing.num_pairs
     return v.check_pair_rows(policy_logits, "policy_logits")
 
 
@@ -49,18 +71,19 @@ def check_weights(weights, labels) -> torch.Tensor:
     return v.check_per_token(weights, labels, "weights", finite=True)
 
 
-def pair_batch(policy_logits, labels, *, ref_logps=None, ref_logits=None, ignore_index: int,
-               backend, chunk_size, require_ref_logits: bool = False) -> PairBatch:
+def pair_batch(policy_logits, labels, *, ref_logps=None, ref_logits=None, ignore_index: int, backend,
+               chunk_size, require_ref_logits: bool = False,
+               packing: SequencePacking | None = None) -> PairBatch:
     """Validate inputs and compute policy (differentiable) and reference (constant) log-probs.
 
     Exactly one of ``ref_logps`` (precomputed per-token reference log-probs) and ``ref_logits``
     must be given; the reference is never differentiated.
     """
-    check_pair_logits(policy_logits, labels, ignore_index)
+    num_pairs = check_pair_logits(policy_logits, labels, ignore_index, packing)
     if require_ref_logits and ref_logits is None:
         raise ValueError("ref_logits is required here: the KL term needs the reference's full-vocab logits")
     if ref_logps is None and ref_logits is None:
-        raise ValueError("pass the reference as ref_logps ([2B, T] per-token log-probs) or ref_logits")
+        raise ValueError("pass the reference as ref_logps (per-token log-probs shaped like labels) or ref_logits")
     if ref_logps is not None and ref_logits is not None:
         raise ValueError("pass either ref_logps or ref_logits, not both")
     if ref_logits is not None:
@@ -74,12 +97,8 @@ def pair_batch(policy_logits, labels, *, ref_logps=None, ref_logits=None, ignore
                                     chunk_size=chunk_size)
     mask = labels != ignore_index
     ref_logps = torch.where(mask, ref_logps.detach().to(policy_logps.dtype), 0.0)
-    return PairBatch(policy_logps, ref_logps, mask)
-
-
-def sequence_sums(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[R, T] -> [R]``: sum of ``values`` over valid positions (masked entries never leak)."""
-    return torch.where(mask, values, 0.0).sum(-1)
+    segments = None if packing is None else packing.stacked_segment_ids()
+    return PairBatch(policy_logps, ref_logps, mask, num_pairs, segments)
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,12 +107,12 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:half], x[half:]
 
 
-def seq_kl(p_logits, q_logits, labels, mask, ignore_index, backend, chunk_size, weights=None):
+def seq_kl(batch: PairBatch, p_logits, q_logits, labels, ignore_index, backend, chunk_size, weights=None):
     """Per-sequence ``sum_t w_t KL_t(p || q)`` over valid tokens (``w = 1`` without weights); ``[2B]``."""
     kl = token_kl(p_logits, q_logits, labels, ignore_index, backend=backend, chunk_size=chunk_size)
     if weights is not None:
         kl = kl * weights.to(kl.dtype)
-    return sequence_sums(kl, mask)
+    return batch.sums(kl)
 
 
 def build_output(losses, chosen_rewards, rejected_rewards, batch: PairBatch,
@@ -101,7 +120,7 @@ def build_output(losses, chosen_rewards, rejected_rewards, batch: PairBatch,
     """Assemble the output object and the TRL-style detached batch-mean metrics."""
     chosen_rewards = chosen_rewards.detach()
     rejected_rewards = rejected_rewards.detach()
-    pol_w, pol_l = split_pairs(sequence_sums(batch.policy_logps.detach(), batch.mask))
+    pol_w, pol_l = split_pairs(batch.sums(batch.policy_logps.detach()))
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
@@ -115,9 +134,8 @@ def build_output(losses, chosen_rewards, rejected_rewards, batch: PairBatch,
     return PreferenceLossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)
 
 
-def weight_metrics(weights: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def weight_metrics(weights: torch.Tensor, batch: PairBatch) -> dict[str, torch.Tensor]:
     """Mean token weight over valid tokens of chosen and rejected responses (per pair)."""
-    w = torch.where(mask, weights.detach().to(torch.promote_types(weights.dtype, torch.float32)), 0.0)
-    count = mask.sum(-1).clamp(min=1)
-    mean_w, mean_l = split_pairs(w.sum(-1) / count)
+    w = weights.detach().to(batch.policy_logps.dtype)
+    mean_w, mean_l = split_pairs(batch.sums(w) / batch.counts().clamp(min=1))
     return {"weights/chosen_mean": mean_w, "weights/rejected_mean": mean_l}

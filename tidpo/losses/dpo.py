@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from tidpo import _validation as v
-from tidpo.losses._common import build_output, pair_batch, sequence_sums, split_pairs
+from tidpo.losses._common import build_output, pair_batch, split_pairs
 from tidpo.losses.output import PreferenceLossOutput
+from tidpo.losses.packing import SequencePacking
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -41,7 +42,8 @@ def check_dpo_params(beta, loss_type, label_smoothing) -> None:
 
 def dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, *, ref_logps: torch.Tensor | None = None,
              ref_logits: torch.Tensor | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, ignore_index: int = -100, backend: str | None = None,
+             label_smoothing: float = 0.0, ignore_index: int = -100,
+             packing: SequencePacking | None = None, backend: str | None = None,
              chunk_size: int | None = None) -> PreferenceLossOutput:
     """Direct Preference Optimisation from policy logits (METHODS.md §0, §4.2; TRL's definitions).
 
@@ -64,6 +66,8 @@ def dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, *, ref_logps: to
         loss_type: ``"sigmoid"`` | ``"ipo"`` | ``"hinge"``.
         label_smoothing: cDPO's eps in [0, 0.5] (sigmoid only).
         backend, chunk_size: see :func:`tidpo.token_logps`.
+        packing: :class:`~tidpo.SequencePacking` for packed (padding-free) batches: logits ``[N, V]`` or
+            ``[1, N, V]``, every per-token tensor shaped like the labels (``[N]`` / ``[1, N]``).
 
     Returns:
         :class:`~tidpo.PreferenceLossOutput`. A pair whose two responses have no valid token has
@@ -71,10 +75,10 @@ def dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, *, ref_logps: to
     """
     check_dpo_params(beta, loss_type, label_smoothing)
     batch = pair_batch(policy_logits, labels, ref_logps=ref_logps, ref_logits=ref_logits,
-                       ignore_index=ignore_index, backend=backend, chunk_size=chunk_size)
-    scores = sequence_sums(batch.log_ratios, batch.mask)
+                       ignore_index=ignore_index, backend=backend, chunk_size=chunk_size, packing=packing)
+    scores = batch.sums(batch.log_ratios)
     if loss_type == "ipo":
-        scores = scores / batch.mask.sum(-1).clamp(min=1).to(scores.dtype)
+        scores = scores / batch.counts().clamp(min=1)
     s_w, s_l = split_pairs(scores)
     losses = preference_losses(s_w - s_l, beta, loss_type, label_smoothing)
     return build_output(losses, beta * s_w, beta * s_l, batch)

@@ -6,13 +6,15 @@ import torch
 import torch.nn.functional as F
 
 from tidpo import _validation as v
-from tidpo.losses._common import build_output, pair_batch, seq_kl, sequence_sums, split_pairs
+from tidpo.losses._common import build_output, pair_batch, seq_kl, split_pairs
 from tidpo.losses.output import PreferenceLossOutput
+from tidpo.losses.packing import SequencePacking
 
 
 def tdpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, *,
               beta: float = 0.1, alpha: float = 0.5, variant: int = 2, ignore_index: int = -100,
-              backend: str | None = None, chunk_size: int | None = None) -> PreferenceLossOutput:
+              packing: SequencePacking | None = None, backend: str | None = None,
+              chunk_size: int | None = None) -> PreferenceLossOutput:
     """Token-level DPO (Zeng et al. 2024), as in the official code (METHODS.md §1.1).
 
     With ``m(y) = sum_t rho_t`` and ``K(y) = sum_t KL(ref(.|y<t) || pi(.|y<t))`` over valid tokens:
@@ -25,6 +27,8 @@ def tdpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: tor
         policy_logits: ``[2B, T, V]``; ref_logits: ``[2B, T, V]`` (the KL needs full logits).
         labels: ``[2B, T]``. beta > 0 (default 0.1); alpha >= 0 (default 0.5, TDPO2 only);
         variant: 1 or 2 (default 2).
+        packing: :class:`~tidpo.SequencePacking` for packed (padding-free) batches: logits ``[N, V]`` or
+            ``[1, N, V]``, every per-token tensor shaped like the labels (``[N]`` / ``[1, N]``).
 
     Returns:
         :class:`~tidpo.PreferenceLossOutput`; metrics add ``kl/chosen``, ``kl/rejected``. A pair
@@ -34,10 +38,10 @@ def tdpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: tor
     v.check_non_negative(alpha, "alpha")
     v.check_choice(variant, "variant", (1, 2))
     batch = pair_batch(policy_logits, labels, ref_logits=ref_logits, ignore_index=ignore_index,
-                       backend=backend, chunk_size=chunk_size, require_ref_logits=True)
-    m_w, m_l = split_pairs(sequence_sums(batch.log_ratios, batch.mask))
-    k_w, k_l = split_pairs(seq_kl(ref_logits.detach(), policy_logits, labels, batch.mask, ignore_index,
-                                  backend, chunk_size))
+                       backend=backend, chunk_size=chunk_size, require_ref_logits=True, packing=packing)
+    m_w, m_l = split_pairs(batch.sums(batch.log_ratios))
+    k_w, k_l = split_pairs(seq_kl(batch, ref_logits.detach(), policy_logits, labels, ignore_index, backend,
+                                  chunk_size))
     z = tdpo_margin(m_w, m_l, k_w, k_l, alpha, variant)
     losses = -F.logsigmoid(beta * z)
     return build_output(losses, beta * (m_w + k_w), beta * (m_l + k_l), batch,

@@ -13,11 +13,11 @@ from tidpo.losses._common import (
     check_weights,
     pair_batch,
     seq_kl,
-    sequence_sums,
     split_pairs,
     weight_metrics,
 )
 from tidpo.losses.output import PreferenceLossOutput
+from tidpo.losses.packing import SequencePacking
 from tidpo.losses.tdpo import tdpo_margin
 from tidpo.losses.triplet import triplet_loss
 from tidpo.ops import token_logps
@@ -68,7 +68,7 @@ def anchor_log_ratios(anchor: TripletAnchor, num_pairs: int, vocab: int, ignore_
 def ti_dpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
                 weights: torch.Tensor, *, beta: float = 0.1, alpha: float = 0.5, gamma: float = 0.1,
                 triplet_margin: float = 1e-3, anchor: TripletAnchor | None = None, kl_coef: float = 0.0,
-                ignore_index: int = -100, backend: str | None = None,
+                ignore_index: int = -100, packing: SequencePacking | None = None, backend: str | None = None,
                 chunk_size: int | None = None) -> PreferenceLossOutput:
     """Token-importance guided DPO (Yang et al., ICLR 2026), as in the official code.
 
@@ -89,6 +89,8 @@ def ti_dpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: t
         weights: ``[2B, T]`` token weights (e.g. :func:`tidpo.weights.mix_importance`), constants.
         anchor: :class:`TripletAnchor`; required when ``gamma > 0`` (pass ``gamma=0`` for TI-DPO
             without the triplet term).
+        packing: :class:`~tidpo.SequencePacking` for packed (padding-free) batches: logits ``[N, V]`` or
+            ``[1, N, V]``, every per-token tensor shaped like the labels (``[N]`` / ``[1, N]``).
 
     Returns:
         :class:`~tidpo.PreferenceLossOutput`; metrics add ``kl/*``, ``weights/*`` and
@@ -104,25 +106,25 @@ def ti_dpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: t
         raise ValueError("anchor is required when gamma > 0 (pass a TripletAnchor, or gamma=0 to drop the "
                          "triplet term)")
     batch = pair_batch(policy_logits, labels, ref_logits=ref_logits, ignore_index=ignore_index,
-                       backend=backend, chunk_size=chunk_size, require_ref_logits=True)
+                       backend=backend, chunk_size=chunk_size, require_ref_logits=True, packing=packing)
     check_weights(weights, labels)
-    num_pairs = policy_logits.shape[0] // 2
     w = weights.detach().to(batch.policy_logps.dtype)
     rho = batch.log_ratios
-    m_w, m_l = split_pairs(sequence_sums(w * rho, batch.mask))
-    k_w, k_l = split_pairs(seq_kl(ref_logits.detach(), policy_logits, labels, batch.mask, ignore_index,
-                                  backend, chunk_size))
+    m_w, m_l = split_pairs(batch.sums(w * rho))
+    k_w, k_l = split_pairs(seq_kl(batch, ref_logits.detach(), policy_logits, labels, ignore_index, backend,
+                                  chunk_size))
     losses = -F.logsigmoid(beta * tdpo_margin(m_w, m_l, k_w, k_l, alpha, variant=2))
     if kl_coef > 0:
         losses = losses + kl_coef * 0.5 * (k_w + k_l)
-    extra = {"kl/chosen": k_w, "kl/rejected": k_l, **weight_metrics(weights, batch.mask)}
+    extra = {"kl/chosen": k_w, "kl/rejected": k_l, **weight_metrics(weights, batch)}
     if anchor is not None and gamma > 0:
         if isinstance(anchor, TripletAnchor) and isinstance(anchor.logits, torch.Tensor):
             v.check_same_device(anchor.logits, policy_logits, "anchor.logits", "policy_logits")
-        a_rho, a_mask = anchor_log_ratios(anchor, num_pairs, policy_logits.shape[-1], ignore_index, backend,
-                                          chunk_size)
-        rho_w, rho_l = split_pairs(rho)
-        mask_w, mask_l = split_pairs(batch.mask)
+        a_rho, a_mask = anchor_log_ratios(anchor, batch.num_pairs, policy_logits.shape[-1], ignore_index,
+                                          backend, chunk_size)
+        rho_rows, mask_rows = batch.rows(rho)
+        rho_w, rho_l = split_pairs(rho_rows)
+        mask_w, mask_l = split_pairs(mask_rows)
         trip = triplet_loss(a_rho, a_mask, rho_w, mask_w, rho_l, mask_l, triplet_margin)
         losses = losses + gamma * trip
         extra["triplet/loss"] = trip

@@ -11,11 +11,11 @@ from tidpo.losses._common import (
     check_weights,
     pair_batch,
     seq_kl,
-    sequence_sums,
     split_pairs,
     weight_metrics,
 )
 from tidpo.losses.output import PreferenceLossOutput
+from tidpo.losses.packing import SequencePacking
 
 KL_FORMS = ("released", "paper_tdpo1", "paper_tdpo2")
 
@@ -23,7 +23,8 @@ KL_FORMS = ("released", "paper_tdpo1", "paper_tdpo2")
 def tis_dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *,
                  ref_logps: torch.Tensor | None = None, ref_logits: torch.Tensor | None = None,
                  beta: float = 0.1, token_level: bool = False, alpha: float = 0.5,
-                 kl_form: str = "released", ignore_index: int = -100, backend: str | None = None,
+                 kl_form: str = "released", ignore_index: int = -100,
+                 packing: SequencePacking | None = None, backend: str | None = None,
                  chunk_size: int | None = None) -> PreferenceLossOutput:
     """Token-level importance-sampling DPO (Liu et al., ICLR 2025).
 
@@ -51,6 +52,8 @@ def tis_dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, weights: tor
             not used); see :mod:`tidpo.weights` for the TIS-DPO transforms.
         ref_logps / ref_logits: the reference, exactly one; ``token_level=True`` needs ``ref_logits``.
         beta > 0 (0.1); alpha >= 0 (0.5, token_level only); kl_form: see above.
+        packing: :class:`~tidpo.SequencePacking` for packed (padding-free) batches: logits ``[N, V]`` or
+            ``[1, N, V]``, every per-token tensor shaped like the labels (``[N]`` / ``[1, N]``).
 
     Returns:
         :class:`~tidpo.PreferenceLossOutput`; metrics add ``weights/*`` (and ``kl/*`` with
@@ -65,21 +68,21 @@ def tis_dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, weights: tor
         raise ValueError(f"kl_form={kl_form!r} selects a KL term; it needs token_level=True")
     batch = pair_batch(policy_logits, labels, ref_logps=ref_logps, ref_logits=ref_logits,
                        ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
-                       require_ref_logits=token_level)
+                       require_ref_logits=token_level, packing=packing)
     check_weights(weights, labels)
     w = weights.detach().to(batch.policy_logps.dtype)
-    m_w, m_l = split_pairs(sequence_sums(w * batch.log_ratios, batch.mask))
+    m_w, m_l = split_pairs(batch.sums(w * batch.log_ratios))
     z = m_w - m_l
-    extra = weight_metrics(weights, batch.mask)
+    extra = weight_metrics(weights, batch)
     if token_level:
         ref = ref_logits.detach()
         if kl_form == "released":
-            k_w, k_l = split_pairs(seq_kl(policy_logits, ref, labels, batch.mask, ignore_index, backend,
-                                          chunk_size, weights=w))
+            k_w, k_l = split_pairs(seq_kl(batch, policy_logits, ref, labels, ignore_index, backend, chunk_size,
+                                          weights=w))
             z = z - alpha * (k_w - k_l)
         else:
-            k_w, k_l = split_pairs(seq_kl(ref, policy_logits, labels, batch.mask, ignore_index, backend,
-                                          chunk_size, weights=w))
+            k_w, k_l = split_pairs(seq_kl(batch, ref, policy_logits, labels, ignore_index, backend, chunk_size,
+                                          weights=w))
             z = z - (k_l - k_w) if kl_form == "paper_tdpo1" else z - alpha * (k_l - k_w.detach())
         extra.update({"kl/chosen": k_w, "kl/rejected": k_l})
     losses = -F.logsigmoid(beta * z)

@@ -7,6 +7,8 @@ and labels of the same leading shape, already shifted so that ``logits[..., t, :
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from tidpo._validation import check_labels, check_logits, check_same_logits_shape
@@ -69,6 +71,21 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     return logps
 
 
+def _kl_backend(backend: str | None, p_logits: torch.Tensor, q_logits: torch.Tensor) -> str:
+    """The backend for ``token_kl``: ``"auto"`` takes the kernels only when BOTH logits suit them.
+
+    The kernels take two logits of one dtype, each with unit stride along V; under ``"auto"`` a pair that
+    does not fit (e.g. bf16 policy, fp32 reference) runs on the chunked torch path. An explicit
+    ``"triton"`` never falls back: the launcher raises with the reason.
+    """
+    resolved = resolve_backend(backend, p_logits, op="kl")
+    requested = backend if backend is not None else os.environ.get("TIDPO_BACKEND", "auto")
+    if resolved == "triton" and requested == "auto":
+        if q_logits.dtype != p_logits.dtype or resolve_backend("auto", q_logits, op="kl") != "triton":
+            return "torch"
+    return resolved
+
+
 def token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tensor,
              ignore_index: int = -100, *, backend: str | None = None,
              chunk_size: int | None = None) -> torch.Tensor:
@@ -92,8 +109,9 @@ def token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tenso
     check_logits(q_logits, "q_logits")
     check_same_logits_shape(q_logits, p_logits, "q_logits", "p_logits")
     check_labels(labels, p_logits, ignore_index, logits_name="p_logits")
-    resolved = resolve_backend(backend, p_logits, op="kl")
-    if resolved == "triton":  # pragma: no cover - resolve_backend refuses until kernels exist
-        raise RuntimeError("Triton kernels are not wired in this build")
+    if _kl_backend(backend, p_logits, q_logits) == "triton":
+        from tidpo.ops.triton_ops import TritonTokenKL  # imports Triton only when used
+
+        return TritonTokenKL.apply(p_logits, q_logits, labels, ignore_index)
     return ChunkedTokenKL.apply(p_logits, q_logits, labels, ignore_index,
                                 _chunk(chunk_size, p_logits.shape[-1]))
