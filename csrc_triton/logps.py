@@ -9,7 +9,9 @@ One Triton program per position (row of the logits):
   ``H = -sum p log p = log s - u / s`` (two non-negative terms: no cancellation when H is small).
 - backward re-reads the row and writes ``dlogits = g * (onehot(label) - exp(x - lse))``, computed
   in fp32 and stored in the logits' dtype, into a fresh contiguous ``[*, V]`` tensor or, opt-in,
-  over the logits themselves.
+  over the logits themselves. With ``HAS_SEQ_GRAD`` the pair reduction's gradient is applied inline:
+  ``g_t = grad_t + w_t * dL/dS[seq(t)]`` for per-sequence weighted sums ``S_s = sum_{t in s} w_t logp_t``
+  (``seq`` = padded row, or packed segment id with ``HAS_SEGMENTS``).
 
 Ignored positions (``label == ignore_index``) do no vocabulary work in forward: ``logp = 0``,
 ``lse = 0`` (a placeholder, not the row's log-sum-exp: nothing downstream needs it and computing it
@@ -139,6 +141,9 @@ def _token_logps_bwd_kernel(
     lse_ptr,  # [N] fp32, from forward
     grad_ptr,  # [N] fp32 upstream gradient of logps
     dlogits_ptr,  # [*, V] out, logits dtype (the logits buffer itself when in place)
+    weights_ptr,  # [N] fp32 token weights w_t (read only with HAS_SEQ_GRAD)
+    segments_ptr,  # [N] int64 sequence of each position (read only with HAS_SEGMENTS)
+    seq_grad_ptr,  # [S] fp32 upstream gradient of the per-sequence weighted sums (HAS_SEQ_GRAD)
     T,
     V,
     stride_r,
@@ -147,6 +152,8 @@ def _token_logps_bwd_kernel(
     stride_dt,
     ignore_index,
     BLOCK_V: tl.constexpr,
+    HAS_SEQ_GRAD: tl.constexpr,
+    HAS_SEGMENTS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64 before any stride multiply
     label = tl.load(labels_ptr + pid).to(tl.int64)
@@ -164,6 +171,14 @@ def _token_logps_bwd_kernel(
 
     row_ptr = logits_ptr + r * stride_r + t * stride_t
     g = tl.load(grad_ptr + pid)
+    if HAS_SEQ_GRAD:
+        # The pair reduction S_s = sum_{t in s} w_t logp_t, applied inline: dL/dlogp_t += w_t dL/dS_s.
+        # The sequence is the padded row r, or the packed segment id.
+        if HAS_SEGMENTS:
+            seq = tl.load(segments_ptr + pid)
+        else:
+            seq = r
+        g += tl.load(weights_ptr + pid) * tl.load(seq_grad_ptr + seq)
     lse = tl.load(lse_ptr + pid)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
@@ -314,14 +329,23 @@ def token_logps_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
 
 
 def token_logps_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logps: torch.Tensor,
-                    ignore_index: int = -100, *, inplace: bool = False, block_v: int | None = None,
-                    num_warps: int | None = None) -> torch.Tensor:
+                    ignore_index: int = -100, *, seq_grad: torch.Tensor | None = None,
+                    weights: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                    inplace: bool = False, block_v: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """``dlogits = g * (onehot(label) - softmax(logits))`` per position; 0 rows where ignored.
+
+    ``g_t = grad_logps_t`` plus, with ``seq_grad``, the weighted pair reduction's gradient applied
+    inline: ``g_t += w_t * seq_grad[s(t)]`` where ``S_s = sum_{t in s} w_t logp_t`` is the per-sequence
+    weighted sum and ``s(t)`` the padded row of position t (3-D logits) or ``segments[t]`` (packed).
 
     Args:
         logits, labels, ignore_index: as given to :func:`token_logps_fwd`.
         lse: the fp32 log-sum-exp returned by :func:`token_logps_fwd`.
         grad_logps: upstream gradient of ``logps`` (any float dtype and strides; read as fp32).
+        seq_grad: ``[S]`` upstream gradient of the per-sequence weighted sums (optional).
+        weights: token weights shaped like ``labels`` (with ``seq_grad``; default all ones).
+        segments: integer sequence index of every position, shaped like ``labels`` (with ``seq_grad``;
+            default: the row of 3-D logits).
         inplace: write the gradient over ``logits`` and return ``logits``. Off by default: it
             destroys the logits, so anything else that saved them for its own backward (another loss
             term, a KL on the same logits) silently gets wrong gradients. Only for a caller that owns
@@ -343,6 +367,7 @@ def token_logps_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tenso
     _check_runnable(logits)
 
     labels_c = labels.contiguous()
+    weights_c, segments_c, seq_grad_c = _sequence_args(logits, labels, seq_grad, weights, segments)
     lse_c = lse.contiguous()
     grad_c = grad_logps.to(torch.float32).contiguous()  # [N]: the sum's expanded grad has stride 0
     dlogits = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -354,10 +379,39 @@ def token_logps_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tenso
     with _on_device(logits):
         _token_logps_bwd_kernel[(n,)](
             logits, labels_c, lse_c, grad_c, dlogits,
+            weights_c if weights_c is not None else grad_c,  # unread placeholders without HAS_SEQ_GRAD
+            segments_c if segments_c is not None else labels_c,
+            seq_grad_c if seq_grad_c is not None else grad_c,
             T, logits.shape[-1], stride_r, stride_t, stride_dr, stride_dt, ignore_index,
-            BLOCK_V=block, num_warps=warps, enable_fp_fusion=True,
+            BLOCK_V=block, HAS_SEQ_GRAD=seq_grad_c is not None, HAS_SEGMENTS=segments_c is not None,
+            num_warps=warps, enable_fp_fusion=True,
         )
     return dlogits
+
+
+def _sequence_args(logits, labels, seq_grad, weights, segments):
+    """Checked, contiguous ``(weights fp32, segments int64, seq_grad fp32)`` (None where unused)."""
+    if seq_grad is None:
+        if weights is not None or segments is not None:
+            raise ValueError("weights and segments are only used with seq_grad; pass seq_grad too")
+        return None, None, None
+    if not isinstance(seq_grad, torch.Tensor) or seq_grad.dim() != 1 or not seq_grad.is_floating_point():
+        raise TypeError("seq_grad must be a 1-D floating-point tensor [S] (one entry per sequence)")
+    if seq_grad.device != logits.device:
+        raise ValueError(f"seq_grad is on {seq_grad.device} but logits is on {logits.device}")
+    if segments is None:
+        if logits.dim() != 3 or seq_grad.shape[0] != logits.shape[0]:
+            raise ValueError(f"seq_grad has {seq_grad.shape[0]} entries; without segments it needs one per row of "
+                             f"3-D logits (shape {tuple(logits.shape)})")
+    else:
+        _check_per_position(segments, logits, "segments", LABEL_DTYPES, "an integer tensor of sequence ids")
+        segments = segments.to(torch.int64).contiguous()
+    if weights is None:
+        weights = torch.ones(labels.shape, dtype=torch.float32, device=logits.device)
+    else:
+        _check_per_position(weights, logits, "weights", (torch.float32, torch.float16, torch.bfloat16,
+                                                         torch.float64), "floating point")
+    return weights.to(torch.float32).contiguous(), segments, seq_grad.to(torch.float32).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -399,13 +453,17 @@ def compile_signatures(vocab: int = 128256) -> list[dict]:
                     "constexprs": {"BLOCK_V": block, "HAS_ENTROPY": has_entropy},
                     "attrs": {(i,): aligned for i in range(len(names))}, "options": options,
                 })
-            names = ["logits_ptr", "labels_ptr", "lse_ptr", "grad_ptr", "dlogits_ptr"]
-            sig = dict(zip(names, [x, y, "*fp32", "*fp32", x], strict=True))
+            names = ["logits_ptr", "labels_ptr", "lse_ptr", "grad_ptr", "dlogits_ptr", "weights_ptr",
+                     "segments_ptr", "seq_grad_ptr"]
+            sig = dict(zip(names, [x, y, "*fp32", "*fp32", x, "*fp32", "*i64", "*fp32"], strict=True))
             sig.update(T="i32", V="i32", stride_r="i64", stride_t="i64", stride_dr="i64", stride_dt="i64",
-                       ignore_index="i32", BLOCK_V="constexpr")
-            out.append({
-                "name": f"bwd[{_TRITON_DTYPE[ldt]},{_TRITON_DTYPE[ydt]}]",
-                "fn": _token_logps_bwd_kernel, "signature": sig, "constexprs": {"BLOCK_V": block},
-                "attrs": {(i,): aligned for i in range(len(names))}, "options": options,
-            })
+                       ignore_index="i32", BLOCK_V="constexpr", HAS_SEQ_GRAD="constexpr", HAS_SEGMENTS="constexpr")
+            # Plain backward, pair reduction over padded rows, pair reduction over packed segments.
+            for seq_grad, segments in ((False, False), (True, False), (True, True)):
+                out.append({
+                    "name": f"bwd[{_TRITON_DTYPE[ldt]},{_TRITON_DTYPE[ydt]},seq_grad={seq_grad},segments={segments}]",
+                    "fn": _token_logps_bwd_kernel, "signature": sig,
+                    "constexprs": {"BLOCK_V": block, "HAS_SEQ_GRAD": seq_grad, "HAS_SEGMENTS": segments},
+                    "attrs": {(i,): aligned for i in range(len(names))}, "options": options,
+                })
     return out

@@ -222,6 +222,58 @@ def interp_triton_backend_matches_torch_backend(dtype):
 
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["rows", "segments"])
+def interp_pair_reduction_applied_inline(dtype, layout):
+    """bwd with seq_grad: g_t = grad_t + w_t * seq_grad[seq(t)], inline == the plain bwd given that g."""
+    logits, labels, grad_out = _case((4, 6, 300), dtype, masked_rows=(1,), seed=5)
+    g = torch.Generator().manual_seed(6)
+    weights = torch.rand(labels.shape, generator=g) + 0.5
+    seq_grad = torch.randn(4, generator=g)
+    _, lse, _ = token_logps_fwd(logits, labels, block_v=64)
+    if layout == "rows":
+        flat_logits, flat_labels, flat_w, flat_grad = logits, labels, weights, grad_out.float()
+        segments, per_token = None, seq_grad[:, None].expand(labels.shape)
+        flat_lse = lse
+    else:  # the same positions seen as one packed row with segment ids, sequences in reversed order
+        flat_logits, flat_labels = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)
+        flat_w, flat_grad, flat_lse = weights.reshape(-1), grad_out.float().reshape(-1), lse.reshape(-1)
+        segments = (3 - torch.arange(4)).repeat_interleave(labels.shape[1])
+        per_token = seq_grad[segments]
+    fused = token_logps_bwd(flat_logits, flat_labels, flat_lse, flat_grad, seq_grad=seq_grad, weights=flat_w,
+                            segments=segments, block_v=64)
+    explicit = token_logps_bwd(flat_logits, flat_labels, flat_lse, flat_grad + flat_w * per_token.reshape(-1)
+                               if segments is not None else flat_grad + flat_w * per_token, block_v=64)
+    torch.testing.assert_close(fused, explicit, rtol=0, atol=0)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def interp_weighted_losses_triton_equals_torch(dtype):
+    """TIS-DPO and TI-DPO (fused pair reduction, padded and packed) give the torch path's results."""
+    import tidpo
+
+    logits, labels, _ = _case((4, 6, 300), dtype, masked_rows=(1,), seed=7)
+    ref = make_logits(logits.shape, dtype, seed=8)
+    weights = torch.rand(labels.shape, generator=torch.Generator().manual_seed(9)) + 0.5
+    packing = tidpo.SequencePacking(torch.arange(4).repeat_interleave(labels.shape[1]), 2)
+    results = {}
+    for backend in ("triton", "torch"):
+        for layout in ("padded", "packed"):
+            x = logits.detach().clone().requires_grad_(True)
+            if layout == "padded":
+                out = tidpo.tis_dpo_loss(x, labels, weights, ref_logits=ref, backend=backend)
+            else:
+                out = tidpo.tis_dpo_loss(x.reshape(-1, x.shape[-1]), labels.reshape(-1), weights.reshape(-1),
+                                         ref_logits=ref.reshape(-1, ref.shape[-1]), packing=packing, backend=backend)
+            results[backend, layout] = (out.losses.detach(), torch.autograd.grad(out.loss, x)[0])
+    for layout in ("padded", "packed"):
+        (la, ga), (lb, gb) = results["triton", layout], results["torch", layout]
+        torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def interp_inplace_gives_same_gradient(dtype):
     _inplace_gives_same_gradient(dtype)
 
@@ -416,13 +468,14 @@ def test_compile_signatures_cover_every_variant():
             kernels.compile_signatures()
         return
     names = {e["name"] for e in SIGNATURES}
-    # 3 logits dtypes x 2 label dtypes x (fwd, fwd+entropy, bwd)
-    assert len(names) == len(SIGNATURES) == 18
+    # 3 logits dtypes x 2 label dtypes x (fwd, fwd+entropy, bwd, bwd+rows reduction, bwd+segments reduction)
+    assert len(names) == len(SIGNATURES) == 30
     for entry in SIGNATURES:
         params = entry["fn"].arg_names
         assert list(entry["signature"]) == params, entry["name"]
         constexprs = {p for p, ty in entry["signature"].items() if ty == "constexpr"}
-        assert constexprs == set(entry["constexprs"]) <= {"BLOCK_V", "HAS_ENTROPY"}, "runtime scalars stay runtime"
+        assert constexprs == set(entry["constexprs"]) <= {"BLOCK_V", "HAS_ENTROPY", "HAS_SEQ_GRAD", "HAS_SEGMENTS"}, \
+            "only block sizes and categorical flags are constexpr; runtime scalars stay runtime"
 
 
 def test_kernel_config():

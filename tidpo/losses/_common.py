@@ -8,8 +8,9 @@ import torch
 
 from tidpo import _validation as v
 from tidpo.losses.output import PreferenceLossOutput
-from tidpo.losses.packing import SequencePacking, check_packing, sequence_rows
+from tidpo.losses.packing import SequencePacking, check_packing
 from tidpo.ops import token_kl, token_logps
+from tidpo.ops.sequence import sequence_rows, weighted_sequence_logps
 
 
 @dataclass
@@ -19,13 +20,16 @@ class PairBatch:
     ``policy_logps``/``ref_logps`` are fp32 (fp64 for fp64 logits) shaped like the labels — ``[2B, T]``
     padded or ``[N]``/``[1, N]`` packed — and 0 where masked; ``mask`` is ``labels != ignore_index``;
     ``segments`` is ``None`` (padded: row r is sequence r) or the stacked per-token sequence index ``[N]``.
-    Sequences [0, B) are the chosen responses, [B, 2B) the rejected ones.
+    ``weighted_margins`` is ``[2B]``: ``sum_t w_t (log pi(y_t) - log ref(y_t))`` per sequence (``w = 1``
+    without weights), differentiable through the fused pair reduction. Sequences [0, B) are the chosen
+    responses, [B, 2B) the rejected ones.
     """
 
     policy_logps: torch.Tensor
     ref_logps: torch.Tensor
     mask: torch.Tensor
     num_pairs: int
+    weighted_margins: torch.Tensor
     segments: torch.Tensor | None = None
 
     @property
@@ -71,13 +75,13 @@ def check_weights(weights, labels) -> torch.Tensor:
     return v.check_per_token(weights, labels, "weights", finite=True)
 
 
-def pair_batch(policy_logits, labels, *, ref_logps=None, ref_logits=None, ignore_index: int, backend,
-               chunk_size, require_ref_logits: bool = False,
+def pair_batch(policy_logits, labels, *, ref_logps=None, ref_logits=None, weights=None, ignore_index: int,
+               backend, chunk_size, require_ref_logits: bool = False,
                packing: SequencePacking | None = None) -> PairBatch:
-    """Validate inputs and compute policy (differentiable) and reference (constant) log-probs.
+    """Validate inputs; compute policy log-probs and weighted margins (differentiable), reference (constant).
 
     Exactly one of ``ref_logps`` (precomputed per-token reference log-probs) and ``ref_logits``
-    must be given; the reference is never differentiated.
+    must be given; the reference is never differentiated. ``weights`` (constants) weight the margins.
     """
     num_pairs = check_pair_logits(policy_logits, labels, ignore_index, packing)
     if require_ref_logits and ref_logits is None:
@@ -90,15 +94,21 @@ def pair_batch(policy_logits, labels, *, ref_logps=None, ref_logits=None, ignore
         check_ref_logits(ref_logits, policy_logits)
     else:
         v.check_per_token(ref_logps, labels, "ref_logps")
-    policy_logps = token_logps(policy_logits, labels, ignore_index, backend=backend, chunk_size=chunk_size)
+    if weights is not None:
+        check_weights(weights, labels)
+    segments = None if packing is None else packing.stacked_segment_ids()
+    policy_logps, policy_sums = weighted_sequence_logps(
+        policy_logits, labels, weights, segments=segments, num_sequences=2 * num_pairs, ignore_index=ignore_index,
+        backend=backend, chunk_size=chunk_size)
     if ref_logps is None:
         with torch.no_grad():
             ref_logps = token_logps(ref_logits.detach(), labels, ignore_index, backend=backend,
                                     chunk_size=chunk_size)
     mask = labels != ignore_index
     ref_logps = torch.where(mask, ref_logps.detach().to(policy_logps.dtype), 0.0)
-    segments = None if packing is None else packing.stacked_segment_ids()
-    return PairBatch(policy_logps, ref_logps, mask, num_pairs, segments)
+    w = 1.0 if weights is None else weights.detach().to(policy_logps.dtype)
+    ref_sums = sequence_rows(w * ref_logps, mask, segments, 2 * num_pairs)[0].sum(-1)
+    return PairBatch(policy_logps, ref_logps, mask, num_pairs, policy_sums - ref_sums, segments)
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

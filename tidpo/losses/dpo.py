@@ -76,7 +76,7 @@ def dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, *, ref_logps: to
     check_dpo_params(beta, loss_type, label_smoothing)
     batch = pair_batch(policy_logits, labels, ref_logps=ref_logps, ref_logits=ref_logits,
                        ignore_index=ignore_index, backend=backend, chunk_size=chunk_size, packing=packing)
-    scores = batch.sums(batch.log_ratios)
+    scores = batch.weighted_margins
     if loss_type == "ipo":
         scores = scores / batch.counts().clamp(min=1)
     s_w, s_l = split_pairs(scores)

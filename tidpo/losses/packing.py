@@ -91,19 +91,3 @@ def check_packing(packing, labels: torch.Tensor, ignore_index: int) -> None:
         if used.numel() and bool(((used < 0) | (used >= 2 * packing.num_pairs)).any()):
             raise ValueError(f"packing.segment_ids of valid tokens must lie in [0, 2B) = "
                              f"[0, {2 * packing.num_pairs})")
-
-
-def sequence_rows(values: torch.Tensor, mask: torch.Tensor,
-                  segments: torch.Tensor | None, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token values as one row per sequence: ``([2B, L], valid mask [2B, L])``.
-
-    Padded input (``segments is None``): ``values``/``mask`` are already ``[2B, T]``. Packed input:
-    ``values``/``mask`` are ``[N]`` (any shape, flattened) and row ``s`` holds the tokens of sequence
-    ``s`` at their packed positions (``L = N``), zero elsewhere. Masked entries never leak.
-    """
-    if segments is None:
-        return torch.where(mask, values, 0.0), mask
-    flat_values, flat_mask = values.reshape(-1), mask.reshape(-1)
-    members = segments.unsqueeze(0) == torch.arange(num_sequences, device=segments.device).unsqueeze(1)
-    members = members & flat_mask.unsqueeze(0)
-    return torch.where(members, flat_values.unsqueeze(0), 0.0), members

@@ -39,7 +39,7 @@ def tdpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: tor
     v.check_choice(variant, "variant", (1, 2))
     batch = pair_batch(policy_logits, labels, ref_logits=ref_logits, ignore_index=ignore_index,
                        backend=backend, chunk_size=chunk_size, require_ref_logits=True, packing=packing)
-    m_w, m_l = split_pairs(batch.sums(batch.log_ratios))
+    m_w, m_l = split_pairs(batch.weighted_margins)
     k_w, k_l = split_pairs(seq_kl(batch, ref_logits.detach(), policy_logits, labels, ignore_index, backend,
                                   chunk_size))
     z = tdpo_margin(m_w, m_l, k_w, k_l, alpha, variant)

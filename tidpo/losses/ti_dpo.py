@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from tidpo import _validation as v
 from tidpo.losses._common import (
     build_output,
-    check_weights,
     pair_batch,
     seq_kl,
     split_pairs,
@@ -105,12 +104,12 @@ def ti_dpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: t
     if gamma > 0 and anchor is None:
         raise ValueError("anchor is required when gamma > 0 (pass a TripletAnchor, or gamma=0 to drop the "
                          "triplet term)")
-    batch = pair_batch(policy_logits, labels, ref_logits=ref_logits, ignore_index=ignore_index,
+    if weights is None:
+        raise TypeError("weights must be a torch.Tensor of token weights shaped like labels, got None")
+    batch = pair_batch(policy_logits, labels, ref_logits=ref_logits, weights=weights, ignore_index=ignore_index,
                        backend=backend, chunk_size=chunk_size, require_ref_logits=True, packing=packing)
-    check_weights(weights, labels)
-    w = weights.detach().to(batch.policy_logps.dtype)
     rho = batch.log_ratios
-    m_w, m_l = split_pairs(batch.sums(w * rho))
+    m_w, m_l = split_pairs(batch.weighted_margins)
     k_w, k_l = split_pairs(seq_kl(batch, ref_logits.detach(), policy_logits, labels, ignore_index, backend,
                                   chunk_size))
     losses = -F.logsigmoid(beta * tdpo_margin(m_w, m_l, k_w, k_l, alpha, variant=2))

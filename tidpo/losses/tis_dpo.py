@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from tidpo import _validation as v
 from tidpo.losses._common import (
     build_output,
-    check_weights,
     pair_batch,
     seq_kl,
     split_pairs,
@@ -66,12 +65,13 @@ def tis_dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, weights: tor
         raise TypeError(f"token_level must be a bool, got {type(token_level).__name__}")
     if kl_form != "released" and not token_level:
         raise ValueError(f"kl_form={kl_form!r} selects a KL term; it needs token_level=True")
-    batch = pair_batch(policy_logits, labels, ref_logps=ref_logps, ref_logits=ref_logits,
+    if weights is None:
+        raise TypeError("weights must be a torch.Tensor of token weights shaped like labels, got None")
+    batch = pair_batch(policy_logits, labels, ref_logps=ref_logps, ref_logits=ref_logits, weights=weights,
                        ignore_index=ignore_index, backend=backend, chunk_size=chunk_size,
                        require_ref_logits=token_level, packing=packing)
-    check_weights(weights, labels)
     w = weights.detach().to(batch.policy_logps.dtype)
-    m_w, m_l = split_pairs(batch.sums(w * batch.log_ratios))
+    m_w, m_l = split_pairs(batch.weighted_margins)
     z = m_w - m_l
     extra = weight_metrics(weights, batch)
     if token_level:

@@ -75,6 +75,38 @@ def _upcast(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     return y, y.data_ptr() != x.data_ptr()
 
 
+def chunked_logps_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                          chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logps, lse)`` in the compute dtype, chunk by chunk; logps 0 at ignored positions."""
+    cdtype = compute_dtype(logits)
+    logps = torch.zeros(labels.shape, dtype=cdtype, device=logits.device)
+    lse = torch.zeros(labels.shape, dtype=cdtype, device=logits.device)
+    for idx in chunk_index(logits.shape, chunk_size):
+        x = logits[idx]
+        valid, safe = _valid_and_safe(labels[idx], ignore_index)
+        chunk_lse = torch.logsumexp(x.to(cdtype), dim=-1)
+        target = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1).to(cdtype)
+        logps[idx] = torch.where(valid, target - chunk_lse, 0.0)
+        lse[idx] = chunk_lse
+    return logps, lse
+
+
+def chunked_logps_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                           grad_logps: torch.Tensor, ignore_index: int, chunk_size: int) -> torch.Tensor:
+    """``dlogits = g * (onehot(label) - softmax(logits))`` in the logits' dtype, chunk by chunk."""
+    cdtype = lse.dtype
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    for idx in chunk_index(logits.shape, chunk_size):
+        valid, safe = _valid_and_safe(labels[idx], ignore_index)
+        g = torch.where(valid, grad_logps[idx].to(cdtype), 0.0).unsqueeze(-1)
+        x, is_copy = _upcast(logits[idx], cdtype)
+        shifted = x.sub_(lse[idx].unsqueeze(-1)) if is_copy else x - lse[idx].unsqueeze(-1)
+        grad = shifted.exp_().mul_(-g)  # -g * softmax
+        grad.scatter_add_(-1, safe.unsqueeze(-1), g)  # + g * onehot(label)
+        dlogits[idx] = grad
+    return dlogits
+
+
 class ChunkedTokenLogps(torch.autograd.Function):
     """``logp[i] = x[i, label[i]] - logsumexp(x[i, :])``; 0 where ``label == ignore_index``.
 
@@ -85,16 +117,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, ignore_index: int, chunk_size: int):
-        cdtype = compute_dtype(logits)
-        logps = torch.zeros(labels.shape, dtype=cdtype, device=logits.device)
-        lse = torch.zeros(labels.shape, dtype=cdtype, device=logits.device)
-        for idx in chunk_index(logits.shape, chunk_size):
-            x = logits[idx]
-            valid, safe = _valid_and_safe(labels[idx], ignore_index)
-            chunk_lse = torch.logsumexp(x.to(cdtype), dim=-1)
-            target = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1).to(cdtype)
-            logps[idx] = torch.where(valid, target - chunk_lse, 0.0)
-            lse[idx] = chunk_lse
+        logps, lse = chunked_logps_forward(logits, labels, ignore_index, chunk_size)
         ctx.save_for_backward(logits, labels, lse)
         ctx.ignore_index = ignore_index
         ctx.chunk_size = chunk_size
@@ -105,16 +128,7 @@ class ChunkedTokenLogps(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logps, _grad_lse):
         logits, labels, lse = ctx.saved_tensors
-        cdtype = lse.dtype
-        dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-        for idx in chunk_index(logits.shape, ctx.chunk_size):
-            valid, safe = _valid_and_safe(labels[idx], ctx.ignore_index)
-            g = torch.where(valid, grad_logps[idx].to(cdtype), 0.0).unsqueeze(-1)
-            x, is_copy = _upcast(logits[idx], cdtype)
-            shifted = x.sub_(lse[idx].unsqueeze(-1)) if is_copy else x - lse[idx].unsqueeze(-1)
-            grad = shifted.exp_().mul_(-g)  # -g * softmax
-            grad.scatter_add_(-1, safe.unsqueeze(-1), g)  # + g * onehot(label)
-            dlogits[idx] = grad
+        dlogits = chunked_logps_backward(logits, labels, lse, grad_logps, ctx.ignore_index, ctx.chunk_size)
         return dlogits, None, None, None
 
 
