@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import tidpo
+from tidpo.ops import backend as backend_module
 from tidpo.ops.backend import resolve_backend, triton_kernels_available
 
 B, T, V = 2, 4, 9
@@ -128,8 +131,16 @@ def test_backend_selection(monkeypatch):
         tidpo.token_logps(torch.randn(2, 3), torch.tensor([0, 1]))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve_backend("triton", x, op="logps") == "triton"
-    # An op without kernels: an explicit request raises (never a silent fallback), auto takes torch.
-    if not triton_kernels_available("kl"):
-        with pytest.raises(RuntimeError, match=r"no fused Triton kernels for this op \(kl\)"):
+    # kl has kernels too (tidpo.kernels.kl): resolved per op, and on CPU they still need the interpreter
+    # imported from the start; auto never picks them for CPU tensors.
+    assert triton_kernels_available("kl")
+    assert resolve_backend("triton", x, op="kl") == "triton"
+    assert resolve_backend("auto", x, op="kl") == "torch"
+    if not importlib.import_module("tidpo.kernels.kl").INTERPRETED:
+        with pytest.raises(ValueError, match="p_logits is on cpu; the Triton kernels need CUDA tensors"):
             tidpo.token_kl(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]))
-        assert resolve_backend("auto", x, op="kl") == "torch"
+    # An op without kernels (simulated): an explicit request raises (never a silent fallback), auto takes torch.
+    monkeypatch.setattr(backend_module, "triton_kernels_available", lambda op="logps": op != "kl")
+    with pytest.raises(RuntimeError, match=r"no fused Triton kernels for this op \(kl\)"):
+        tidpo.token_kl(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]))
+    assert resolve_backend("auto", x, op="kl") == "torch"

@@ -80,9 +80,9 @@ def _kl_backend(backend: str | None, p_logits: torch.Tensor, q_logits: torch.Ten
     """
     resolved = resolve_backend(backend, p_logits, op="kl")
     requested = backend if backend is not None else os.environ.get("TIDPO_BACKEND", "auto")
-    if resolved == "triton" and requested == "auto":
-        if q_logits.dtype != p_logits.dtype or resolve_backend("auto", q_logits, op="kl") != "triton":
-            return "torch"
+    q_fits = q_logits.dtype == p_logits.dtype and resolve_backend("auto", q_logits, op="kl") == "triton"
+    if resolved == "triton" and requested == "auto" and not q_fits:
+        return "torch"
     return resolved
 
 
@@ -99,8 +99,11 @@ def token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tenso
     TIS-DPO's ``token_level`` branch uses ``KL(policy || ref)``: ``token_kl(policy_logits, ref_logits, ...)``.
 
     Args:
-        p_logits, q_logits: ``[N, V]`` or ``[R, T, V]`` of equal shape, any float dtype and strides.
+        p_logits, q_logits: ``[N, V]`` or ``[R, T, V]`` of equal shape, any float dtype and strides
+            (the Triton kernels take float32/float16/bfloat16, one dtype for both, unit stride along V;
+            ``"auto"`` uses the chunked torch path for a pair that does not fit).
         labels: integer ``[N]`` or ``[R, T]``; only positions with ``labels != ignore_index`` count.
+        backend, chunk_size: see :func:`token_logps`.
 
     Returns:
         fp32 tensor shaped like ``labels`` (fp64 if either input is fp64), 0 at ignored positions.
