@@ -43,6 +43,8 @@ no host synchronisation.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -58,6 +60,7 @@ from .logps import (
     _on_device,
     _row_strides,
 )
+from .logps import _check_per_position as _check_logps_per_position
 from .logps import _config as _checked_overrides
 
 __all__ = [
@@ -254,19 +257,8 @@ def _check_pair(p_logits, q_logits) -> None:
         raise ValueError(f"q_logits is on {q_logits.device} but p_logits is on {p_logits.device}")
 
 
-def _check_per_position(x, p_logits: torch.Tensor, name: str, dtypes, kind: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must be {kind} ({allowed}), got {x.dtype}")
-    if tuple(x.shape) != tuple(p_logits.shape[:-1]):
-        raise ValueError(
-            f"{name} shape {tuple(x.shape)} does not match p_logits shape {tuple(p_logits.shape)} "
-            f"without its vocabulary dimension ({tuple(p_logits.shape[:-1])})"
-        )
-    if x.device != p_logits.device:
-        raise ValueError(f"{name} is on {x.device} but p_logits is on {p_logits.device}")
+# Per-position arguments (labels, lse_p, lse_q, kl, grad_kl) are checked against p_logits, named so in messages.
+_check_per_position = functools.partial(_check_logps_per_position, logits_name="p_logits")
 
 
 def _config(vocab: int, block_v: int | None, num_warps: int | None) -> tuple[int, int]:

@@ -232,7 +232,7 @@ def _check_runnable(logits: torch.Tensor, name: str = "logits") -> None:
         )
 
 
-def _check_per_position(x, logits: torch.Tensor, name: str, dtypes, kind: str) -> None:
+def _check_per_position(x, logits: torch.Tensor, name: str, dtypes, kind: str, logits_name: str = "logits") -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in dtypes:
@@ -240,11 +240,11 @@ def _check_per_position(x, logits: torch.Tensor, name: str, dtypes, kind: str) -
         raise TypeError(f"{name} must be {kind} ({allowed}), got {x.dtype}")
     if tuple(x.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
-            f"{name} shape {tuple(x.shape)} does not match logits shape {tuple(logits.shape)} "
+            f"{name} shape {tuple(x.shape)} does not match {logits_name} shape {tuple(logits.shape)} "
             f"without its vocabulary dimension ({tuple(logits.shape[:-1])})"
         )
     if x.device != logits.device:
-        raise ValueError(f"{name} is on {x.device} but logits is on {logits.device}")
+        raise ValueError(f"{name} is on {x.device} but {logits_name} is on {logits.device}")
 
 
 def _check_ignore_index(ignore_index) -> int:

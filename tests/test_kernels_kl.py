@@ -1,6 +1,7 @@
 """Fused Triton per-position KL kernels (``tidpo.kernels.kl``) and ``TritonTokenKL``.
 
-Same structure as ``tests/test_kernels_logps.py`` (read its module docstring for the why):
+Same structure as ``tests/test_kernels_logps.py``, on the machinery shared in ``tests/kernel_harness.py``
+(read its module docstring for the why):
 
 - ``interpreter``: the kernels run on CPU in the Triton interpreter, in ONE ``python -m pytest``
   subprocess started by ``test_interpreter_suite`` with ``TRITON_INTERPRET=1`` set from the start and
@@ -9,7 +10,8 @@ Same structure as ``tests/test_kernels_logps.py`` (read its module docstring for
   rounded values (forward ``kl`` / ``lse_p`` / ``lse_q``; backward ``dp`` / ``dq`` for every
   ``(NEED_DP, NEED_DQ)``), against the chunked torch path (``tidpo.token_kl`` and the public TDPO /
   TIS-DPO losses with ``backend="triton"`` vs ``"torch"``), for determinism, -inf / underflow rows and a
-  bounded fuzz. The interpreter's fp32 -> bf16 cast is made to round to nearest like the GPU.
+  bounded fuzz. The interpreter's fp32 -> bf16 cast is made to round to nearest like the GPU (the
+  harness's ``_interpreter_bf16_rounds_to_nearest``, imported here).
 - ``compile_only``: every kernel variant is compiled with ``triton.compile`` for sm_80 and sm_90 (no GPU
   needed), checked for a non-empty cubin and no register spills.
 - ``gpu``: the same value/gradient checks at realistic shapes on a CUDA device; skipped without one.
@@ -22,23 +24,27 @@ a strided view (``full[:, :-1]``) and ``q`` a contiguous tensor, so the two inpu
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from tests.conftest import IGNORE, assert_rel_close, assert_within_torch_error, make_labels, make_logits, max_err
+from tests.kernel_harness import (
+    DTYPES,
+    INTERP_SHAPES,
+    INTERPRET,
+    _interpreter_bf16_rounds_to_nearest,  # noqa: F401 - an autouse fixture: in effect in this module once imported
+    check_compile_signatures,
+    check_compiles,
+    check_small_vocab_compiles,
+    fresh_triton_cache_fixture,  # noqa: F401 - provides the ``fresh_triton_cache`` fixture
+    given,
+    logits_case,
+    requires_cuda,
+    run_interpreter_suite,
+    settings,
+    st,
+)
 from tidpo import reference as R
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ROOT = Path(__file__).resolve().parents[1]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-HAS_CUDA = torch.cuda.is_available()
 
 kernels = pytest.importorskip("tidpo.kernels.kl", reason="Triton is not installed")
 token_kl_fwd, token_kl_bwd = kernels.token_kl_fwd, kernels.token_kl_bwd
@@ -106,20 +112,14 @@ def _check_against_reference(p, q, labels, grad_out, *, block_v=None, ignore_ind
 
 
 def _case(shape, dtype, *, strided=True, masked_rows=(1,), seed=0, device="cpu"):
-    """``p`` (a strided ``[:, :-1]`` view for 3-D when ``strided``), contiguous ``q``, labels, grads."""
-    if len(shape) == 2:
-        n, vocab = shape
-        p = make_logits((n, vocab), dtype, seed=seed)
-        labels = make_labels(1, n, vocab, masked_rows=(), seed=seed + 1)[0]
-        labels[: n // 4] = IGNORE  # a run of ignored positions (the prompt)
-    else:
-        rows, length, vocab = shape
-        full = make_logits((rows, length + int(strided), vocab), dtype, seed=seed)
-        p = full[:, :-1] if strided else full
-        labels = make_labels(rows, length, vocab, masked_rows=masked_rows, seed=seed + 1)
+    """``p`` (a strided ``[:, :-1]`` view for 3-D when ``strided``), contiguous ``q``, labels, grads.
+
+    ``p``, the labels and the grads are the harness's :func:`~tests.kernel_harness.logits_case`.
+    """
+    p, labels, grad_out = logits_case(shape, dtype, strided=strided, masked_rows=masked_rows, seed=seed,
+                                      device=device)
     q = make_logits(shape, dtype, seed=seed + 3)
-    grad_out = torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
-    return p.to(device), q.to(device), labels.to(device), grad_out.to(device)
+    return p, q.to(device), labels, grad_out
 
 
 def _backend_matches_torch(dtype, device="cpu", shape=(4, 6, 1031), rtol=1e-6):
@@ -168,36 +168,12 @@ def _backend_matches_torch(dtype, device="cpu", shape=(4, 6, 1031), rtol=1e-6):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_bf16_rounds_to_nearest():
-    """Make the interpreter's fp32 -> bf16 cast round to nearest even, as the GPU's ``cvt.rn`` does.
-
-    Triton 3.9's interpreter converts fp32 to bf16 by truncation; see the same fixture in
-    ``tests/test_kernels_logps.py``. ``interp_bf16_cast_rounds_to_nearest`` proves the patch is in effect.
-    """
-    if not INTERPRET:
-        yield
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter._convert_float
-
-    def convert(data, input_dtype, output_dtype, rounding_mode):
-        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
-            as_bf16 = torch.from_numpy(np.ascontiguousarray(data).view(np.float32)).to(torch.bfloat16)
-            return as_bf16.view(torch.int16).numpy().view(np.uint16).reshape(data.shape)
-        return original(data, input_dtype, output_dtype, rounding_mode)
-
-    interpreter._convert_float = convert
-    yield
-    interpreter._convert_float = original
-
-
 @pytest.mark.interpreter
 def interp_bf16_cast_rounds_to_nearest():
-    """The kernel's bf16 store rounds like torch (RTNE): an exact check through the dq kernel."""
+    """The kernel's bf16 store rounds like torch (RTNE): an exact check through the dq kernel.
+
+    Proves the harness's ``_interpreter_bf16_rounds_to_nearest`` patch is in effect.
+    """
     p = torch.full((1, 64), float("-inf"), dtype=torch.bfloat16)
     q = p.clone()
     p[0, 1] = 0.0  # p = onehot(1), q = onehot(0), both exact (lse = 0): dq = g * (q - p) = (g, -g, 0...)
@@ -209,15 +185,6 @@ def interp_bf16_cast_rounds_to_nearest():
     _, dq = token_kl_bwd(p, q, labels, lse_p, lse_q, kl, g, need_dp=False)
     assert float(dq[0, 0]) == 1.0 + 2**-7 and float(dq[0, 1]) == -(1.0 + 2**-7), dq[0, :2]
     assert torch.all(dq[0, 2:] == 0)
-
-
-INTERP_SHAPES = [
-    ((4, 6, 7), None),  # tiny odd V, one partial 16-wide tile
-    ((3, 5, 100), 64),  # V ~ 1.5 tiles
-    ((3, 4, 1031), 256),  # 5 tiles, the last one 7 wide
-    ((37, 1031), None),  # 2-D [N, V], one default 2048-wide tile
-    ((2, 3, 32000), None),  # realistic V: 8 default 4096-wide tiles, the last partial
-]
 
 
 @pytest.mark.interpreter
@@ -427,12 +394,6 @@ def interp_autograd_only_differentiates_what_requires_grad(dtype):
             assert torch.equal(q_in.grad, both[1])
 
 
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is a dev dependency
-    given = None
-
 if given is not None:
 
     @pytest.mark.interpreter
@@ -470,29 +431,7 @@ if given is not None:
 @pytest.mark.skipif(INTERPRET, reason="this test is the driver that starts the interpreter subprocess")
 def test_interpreter_suite():
     """Run every ``interp_*`` case above under ``TRITON_INTERPRET=1`` in one subprocess (see module doc)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
-           "-o", "python_functions=interp_*", "-m", "interpreter"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    report = (proc.stdout + proc.stderr)[-12000:]
-    assert proc.returncode == 0, f"interpreter tests failed (rc={proc.returncode}):\n{report}"
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    expected = _count_interp_cases()
-    assert passed and int(passed.group(1)) == expected, f"expected {expected} interpreter cases to pass:\n{report}"
-    print(proc.stdout.strip().splitlines()[-1])
-
-
-def _count_interp_cases() -> int:
-    """Cases the subprocess must run: every ``interp_*`` function times its parametrizations."""
-    total = 0
-    for name, fn in globals().items():
-        if name.startswith("interp_") and callable(fn):
-            cases = 1
-            for mark in getattr(fn, "pytestmark", []):
-                if mark.name == "parametrize":
-                    cases *= len(mark.args[1])
-            total += cases
-    return total
+    run_interpreter_suite(__file__, globals())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,77 +442,25 @@ SIGNATURES = [] if INTERPRET else kernels.compile_signatures()
 SMALL_SIGNATURES = [] if INTERPRET else kernels.compile_signatures(vocab=100)  # BLOCK_V 128, 1 warp
 
 
-@pytest.fixture(scope="module")
-def fresh_triton_cache(tmp_path_factory):
-    """A private, empty Triton cache: every variant really goes through the compiler and ptxas."""
-    saved = os.environ.get("TRITON_CACHE_DIR")
-    os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
-    yield
-    if saved is None:
-        os.environ.pop("TRITON_CACHE_DIR", None)
-    else:
-        os.environ["TRITON_CACHE_DIR"] = saved
-
-
-def _compile(entry, capability):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    src = ASTSource(entry["fn"], entry["signature"], entry["constexprs"], entry["attrs"])
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=entry["options"])
-
-
-def _resource_usage(cubin: bytes, tmp_path) -> str:
-    """``cuobjdump -res-usage`` of a cubin (registers, spills as LOCAL), with Triton's bundled tool."""
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        tool = shutil.which("cuobjdump")
-        if tool is None:
-            pytest.skip("no cuobjdump to read the register usage")
-    path = tmp_path / "kernel.cubin"
-    path.write_bytes(cubin)
-    return subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
-
-
 @pytest.mark.compile_only
 @pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process; nothing to compile")
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("entry", SIGNATURES, ids=[e["name"] for e in SIGNATURES])
 def test_compiles_for_sm80_sm90(entry, capability, fresh_triton_cache, tmp_path):
-    compiled = _compile(entry, capability)
-    cubin = compiled.asm["cubin"]
-    assert isinstance(cubin, bytes) and len(cubin) > 1000 and cubin[:4] == b"\x7fELF"
-    assert f".target sm_{capability}" in compiled.asm["ptx"]
-    usage = _resource_usage(cubin, tmp_path)
-    assert "LOCAL:0" in usage, f"register spills (local memory) in {entry['name']}:\n{usage}"
-    assert "STACK:0" in usage, usage
+    check_compiles(entry, capability, tmp_path)
 
 
 @pytest.mark.compile_only
 @pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process; nothing to compile")
 @pytest.mark.parametrize("entry", SMALL_SIGNATURES, ids=[e["name"] for e in SMALL_SIGNATURES])
 def test_compiles_small_vocab_config(entry, fresh_triton_cache):
-    assert entry["constexprs"]["BLOCK_V"] == 128 and entry["options"]["num_warps"] == 1
-    assert len(_compile(entry, 90).asm["cubin"]) > 1000
+    check_small_vocab_compiles(entry)
 
 
 def test_compile_signatures_cover_every_variant():
-    if INTERPRET:
-        with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
-            kernels.compile_signatures()
-        return
-    names = {e["name"] for e in SIGNATURES}
     # 3 logits dtypes x 2 label dtypes x (fwd, bwd dp, bwd dq, bwd dp+dq)
-    assert len(names) == len(SIGNATURES) == 24
-    for entry in SIGNATURES:
-        params = entry["fn"].arg_names
-        assert list(entry["signature"]) == params, entry["name"]
-        constexprs = {p for p, ty in entry["signature"].items() if ty == "constexpr"}
-        assert constexprs == set(entry["constexprs"]) <= {"BLOCK_V", "NEED_DP", "NEED_DQ"}, \
-            "runtime scalars stay runtime"
+    check_compile_signatures(kernels, SIGNATURES, count=24, constexprs={"BLOCK_V", "NEED_DP", "NEED_DQ"},
+                             why="runtime scalars stay runtime")
 
 
 def test_kernel_config():
@@ -685,9 +572,6 @@ def test_auto_backend_needs_both_logits_to_suit_the_kernels(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # GPU: the same checks at realistic shapes (skipped without CUDA)
 # ----------------------------------------------------------------------------------------------
-
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,block_v", [((4, 128, 32000), None), ((2, 32, 128256), None),

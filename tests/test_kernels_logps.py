@@ -1,25 +1,18 @@
 """Fused Triton per-token log-prob kernels (``tidpo.kernels.logps``) and ``TritonTokenLogps``.
 
-Three kinds of tests, by marker:
+Three kinds of tests, by marker (the machinery they share, and why it is built this way, is in
+``tests/kernel_harness.py``; read its module docstring):
 
 - ``interpreter``: the kernels run on CPU in the Triton interpreter and are checked against the float64
-  reference (forward logp / lse / entropy, backward dlogits) and against the chunked torch path.
+  reference (forward logp / lse / entropy, backward dlogits) and against the chunked torch path. They
+  are collected only in the ONE ``TRITON_INTERPRET=1`` pytest subprocess that ``test_interpreter_suite``
+  runs on this very file with ``-o python_functions=interp_*`` (only the ``interp_*`` functions there,
+  only the ``test_*`` ones here); in that subprocess the interpreter's fp32 -> bf16 cast is made to
+  round to nearest like the GPU (the harness's ``_interpreter_bf16_rounds_to_nearest``, imported here).
 - ``compile_only``: every kernel variant is compiled with ``triton.compile`` for sm_80 and sm_90
   (no GPU needed: Triton ships ``ptxas``), which catches everything the interpreter does not
   (types, layouts, register spills).
 - ``gpu``: the same value/gradient checks at realistic shapes on a CUDA device; skipped without one.
-
-How the interpreter tests are isolated. ``TRITON_INTERPRET=1`` only takes effect for kernels
-decorated *after* it is set (``@triton.jit`` picks the interpreter at decoration time, i.e. when
-``tidpo.kernels.logps`` is imported), and the rest of the suite must import the compiled kernels.
-Flipping the variable inside this process would depend on import order and leak into other test
-files, so instead ``test_interpreter_suite`` runs this very file in ONE fresh ``python -m pytest``
-subprocess with ``TRITON_INTERPRET=1`` set from the start and ``-o python_functions=interp_*``: in
-that subprocess only the ``interp_*`` functions below are collected (and none of the ``test_*``
-ones); in the normal run only the ``test_*`` functions are. One subprocess pays the torch/triton
-import once; its pytest report (one line per ``interp_*`` case) is shown when it fails. In that
-subprocess the interpreter's fp32 -> bf16 cast is made to round to nearest like the GPU (see
-``_interpreter_bf16_rounds_to_nearest``).
 
 Shapes on purpose: V = 7 (tiny, odd, one partial tile), V = 100 with 64-wide tiles and V = 1031 with
 256-wide tiles (several tiles, the last one partial; test-only ``block_v`` override), V = 1031 in one
@@ -28,23 +21,27 @@ default 2048-wide tile (2-D logits), V = 32000 (realistic, 4 default 8192-wide t
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from tests.conftest import IGNORE, assert_rel_close, assert_within_torch_error, make_labels, make_logits
+from tests.kernel_harness import (
+    DTYPES,
+    INTERP_SHAPES,
+    INTERPRET,
+    _interpreter_bf16_rounds_to_nearest,  # noqa: F401 - an autouse fixture: in effect in this module once imported
+    check_compile_signatures,
+    check_compiles,
+    check_small_vocab_compiles,
+    fresh_triton_cache_fixture,  # noqa: F401 - provides the ``fresh_triton_cache`` fixture
+    given,
+    requires_cuda,
+    run_interpreter_suite,
+    settings,
+    st,
+)
+from tests.kernel_harness import logits_case as _case
 from tidpo import reference as R
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-ROOT = Path(__file__).resolve().parents[1]
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-HAS_CUDA = torch.cuda.is_available()
 
 kernels = pytest.importorskip("tidpo.kernels.logps", reason="Triton is not installed")
 token_logps_fwd, token_logps_bwd = kernels.token_logps_fwd, kernels.token_logps_bwd
@@ -89,22 +86,6 @@ def _check_against_reference(logits, labels, grad_out, *, block_v=None, ignore_i
     assert torch.all(dlogits[~valid] == 0), "ignored positions must get a zero gradient row"
 
 
-def _case(shape, dtype, *, strided=True, masked_rows=(1,), seed=0, device="cpu"):
-    """Logits (a strided ``[:, :-1]`` view for 3-D when ``strided``), labels with ~25 % ignored, grads."""
-    if len(shape) == 2:
-        n, vocab = shape
-        logits = make_logits((n, vocab), dtype, seed=seed)
-        labels = make_labels(1, n, vocab, masked_rows=(), seed=seed + 1)[0]
-        labels[: n // 4] = IGNORE  # a run of ignored positions (the prompt)
-    else:
-        rows, length, vocab = shape
-        full = make_logits((rows, length + int(strided), vocab), dtype, seed=seed)
-        logits = full[:, :-1] if strided else full
-        labels = make_labels(rows, length, vocab, masked_rows=masked_rows, seed=seed + 1)
-    grad_out = torch.randn(labels.shape, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64)
-    return logits.to(device), labels.to(device), grad_out.to(device)
-
-
 def _inplace_gives_same_gradient(dtype, device="cpu", shape=(3, 9, 300)):
     from tidpo.ops.triton_ops import TritonTokenLogps
 
@@ -129,38 +110,12 @@ def _inplace_gives_same_gradient(dtype, device="cpu", shape=(3, 9, 300)):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _interpreter_bf16_rounds_to_nearest():
-    """Make the interpreter's fp32 -> bf16 cast round to nearest even, as the GPU's ``cvt.rn`` does.
-
-    Triton 3.9's interpreter converts fp32 to bf16 by truncation (``_convert_float`` is called with
-    ``rounding_mode=None`` from ``cast_impl``): up to 1 bf16 ulp of error where the GPU has 0.5, which
-    would make the bf16 gradient checks measure the interpreter instead of the kernel. Patched only in
-    the interpreter subprocess; ``interp_bf16_cast_rounds_to_nearest`` proves the patch is in effect.
-    """
-    if not INTERPRET:
-        yield
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    original = interpreter._convert_float
-
-    def convert(data, input_dtype, output_dtype, rounding_mode):
-        if input_dtype == tl.float32 and output_dtype == tl.bfloat16:
-            as_bf16 = torch.from_numpy(np.ascontiguousarray(data).view(np.float32)).to(torch.bfloat16)
-            return as_bf16.view(torch.int16).numpy().view(np.uint16).reshape(data.shape)
-        return original(data, input_dtype, output_dtype, rounding_mode)
-
-    interpreter._convert_float = convert
-    yield
-    interpreter._convert_float = original
-
-
 @pytest.mark.interpreter
 def interp_bf16_cast_rounds_to_nearest():
-    """The kernel's bf16 store rounds like torch (RTNE): an exact check through the backward kernel."""
+    """The kernel's bf16 store rounds like torch (RTNE): an exact check through the backward kernel.
+
+    Proves the harness's ``_interpreter_bf16_rounds_to_nearest`` patch is in effect.
+    """
     vocab = 4096
     logits = torch.zeros(1, vocab, dtype=torch.bfloat16)  # p = 1/V for every entry
     labels = torch.tensor([0])
@@ -170,13 +125,6 @@ def interp_bf16_cast_rounds_to_nearest():
     dlogits = token_logps_bwd(logits, labels, lse, g)
     assert float(dlogits[0, 0]) == 1.0 + 2**-7, float(dlogits[0, 0])
 
-INTERP_SHAPES = [
-    ((4, 6, 7), None),  # tiny odd V, one partial 16-wide tile
-    ((3, 5, 100), 64),  # V ~ 1.5 tiles
-    ((3, 4, 1031), 256),  # 5 tiles, the last one 7 wide
-    ((37, 1031), None),  # 2-D [N, V], one default 2048-wide tile
-    ((2, 3, 32000), None),  # realistic V: 4 default 8192-wide tiles, the last partial
-]
 
 
 @pytest.mark.interpreter
@@ -339,12 +287,6 @@ def interp_empty_and_fully_masked():
                                                     out[0]).shape == (0, 11)
 
 
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is a dev dependency
-    given = None
-
 if given is not None:
 
     @pytest.mark.interpreter
@@ -372,29 +314,7 @@ if given is not None:
 @pytest.mark.skipif(INTERPRET, reason="this test is the driver that starts the interpreter subprocess")
 def test_interpreter_suite():
     """Run every ``interp_*`` case above under ``TRITON_INTERPRET=1`` in one subprocess (see module doc)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
-           "-o", "python_functions=interp_*", "-m", "interpreter"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    report = (proc.stdout + proc.stderr)[-12000:]
-    assert proc.returncode == 0, f"interpreter tests failed (rc={proc.returncode}):\n{report}"
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    expected = _count_interp_cases()
-    assert passed and int(passed.group(1)) == expected, f"expected {expected} interpreter cases to pass:\n{report}"
-    print(proc.stdout.strip().splitlines()[-1])
-
-
-def _count_interp_cases() -> int:
-    """Cases the subprocess must run: every ``interp_*`` function times its parametrizations."""
-    total = 0
-    for name, fn in globals().items():
-        if name.startswith("interp_") and callable(fn):
-            cases = 1
-            for mark in getattr(fn, "pytestmark", []):
-                if mark.name == "parametrize":
-                    cases *= len(mark.args[1])
-            total += cases
-    return total
+    run_interpreter_suite(__file__, globals())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,77 +325,26 @@ SIGNATURES = [] if INTERPRET else kernels.compile_signatures()
 SMALL_SIGNATURES = [] if INTERPRET else kernels.compile_signatures(vocab=100)  # BLOCK_V 128, 1 warp
 
 
-@pytest.fixture(scope="module")
-def fresh_triton_cache(tmp_path_factory):
-    """A private, empty Triton cache: every variant really goes through the compiler and ptxas."""
-    saved = os.environ.get("TRITON_CACHE_DIR")
-    os.environ["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
-    yield
-    if saved is None:
-        os.environ.pop("TRITON_CACHE_DIR", None)
-    else:
-        os.environ["TRITON_CACHE_DIR"] = saved
-
-
-def _compile(entry, capability):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    src = ASTSource(entry["fn"], entry["signature"], entry["constexprs"], entry["attrs"])
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=entry["options"])
-
-
-def _resource_usage(cubin: bytes, tmp_path) -> str:
-    """``cuobjdump -res-usage`` of a cubin (registers, spills as LOCAL), with Triton's bundled tool."""
-    import triton
-
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        tool = shutil.which("cuobjdump")
-        if tool is None:
-            pytest.skip("no cuobjdump to read the register usage")
-    path = tmp_path / "kernel.cubin"
-    path.write_bytes(cubin)
-    return subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
-
-
 @pytest.mark.compile_only
 @pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process; nothing to compile")
 @pytest.mark.parametrize("capability", [80, 90])
 @pytest.mark.parametrize("entry", SIGNATURES, ids=[e["name"] for e in SIGNATURES])
 def test_compiles_for_sm80_sm90(entry, capability, fresh_triton_cache, tmp_path):
-    compiled = _compile(entry, capability)
-    cubin = compiled.asm["cubin"]
-    assert isinstance(cubin, bytes) and len(cubin) > 1000 and cubin[:4] == b"\x7fELF"
-    assert f".target sm_{capability}" in compiled.asm["ptx"]
-    usage = _resource_usage(cubin, tmp_path)
-    assert "LOCAL:0" in usage, f"register spills (local memory) in {entry['name']}:\n{usage}"
-    assert "STACK:0" in usage, usage
+    check_compiles(entry, capability, tmp_path)
 
 
 @pytest.mark.compile_only
 @pytest.mark.skipif(INTERPRET, reason="kernels are interpreted in this process; nothing to compile")
 @pytest.mark.parametrize("entry", SMALL_SIGNATURES, ids=[e["name"] for e in SMALL_SIGNATURES])
 def test_compiles_small_vocab_config(entry, fresh_triton_cache):
-    assert entry["constexprs"]["BLOCK_V"] == 128 and entry["options"]["num_warps"] == 1
-    assert len(_compile(entry, 90).asm["cubin"]) > 1000
+    check_small_vocab_compiles(entry)
 
 
 def test_compile_signatures_cover_every_variant():
-    if INTERPRET:
-        with pytest.raises(RuntimeError, match="unset TRITON_INTERPRET"):
-            kernels.compile_signatures()
-        return
-    names = {e["name"] for e in SIGNATURES}
     # 3 logits dtypes x 2 label dtypes x (fwd, fwd+entropy, bwd, bwd+rows reduction, bwd+segments reduction)
-    assert len(names) == len(SIGNATURES) == 30
-    for entry in SIGNATURES:
-        params = entry["fn"].arg_names
-        assert list(entry["signature"]) == params, entry["name"]
-        constexprs = {p for p, ty in entry["signature"].items() if ty == "constexpr"}
-        assert constexprs == set(entry["constexprs"]) <= {"BLOCK_V", "HAS_ENTROPY", "HAS_SEQ_GRAD", "HAS_SEGMENTS"}, \
-            "only block sizes and categorical flags are constexpr; runtime scalars stay runtime"
+    check_compile_signatures(kernels, SIGNATURES, count=30,
+                             constexprs={"BLOCK_V", "HAS_ENTROPY", "HAS_SEQ_GRAD", "HAS_SEGMENTS"},
+                             why="only block sizes and categorical flags are constexpr; runtime scalars stay runtime")
 
 
 def test_kernel_config():
@@ -558,9 +427,6 @@ def test_rows_overlap():
 # ----------------------------------------------------------------------------------------------
 # GPU: the same checks at realistic shapes (skipped without CUDA)
 # ----------------------------------------------------------------------------------------------
-
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,block_v", [((4, 256, 32000), None), ((2, 64, 128256), None),
