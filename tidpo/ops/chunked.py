@@ -99,11 +99,15 @@ def chunked_logps_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torc
     for idx in chunk_index(logits.shape, chunk_size):
         valid, safe = _valid_and_safe(labels[idx], ignore_index)
         g = torch.where(valid, grad_logps[idx].to(cdtype), 0.0).unsqueeze(-1)
-        x, is_copy = _upcast(logits[idx], cdtype)
-        shifted = x.sub_(lse[idx].unsqueeze(-1)) if is_copy else x - lse[idx].unsqueeze(-1)
-        grad = shifted.exp_().mul_(-g)  # -g * softmax
+        if logits.dtype == cdtype:
+            # Same dtype: compute straight into the output chunk (no temporary, no extra copy pass).
+            grad = torch.sub(logits[idx], lse[idx].unsqueeze(-1), out=dlogits[idx])
+        else:
+            grad = logits[idx].to(cdtype).sub_(lse[idx].unsqueeze(-1))  # the upcast copy is ours to modify
+        grad.exp_().mul_(-g)  # -g * softmax
         grad.scatter_add_(-1, safe.unsqueeze(-1), g)  # + g * onehot(label)
-        dlogits[idx] = grad
+        if logits.dtype != cdtype:
+            dlogits[idx] = grad
     return dlogits
 
 
