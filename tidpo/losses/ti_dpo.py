@@ -38,12 +38,14 @@ class TripletAnchor(NamedTuple):
     ref_logits: torch.Tensor | None = None
 
 
-def anchor_log_ratios(anchor: TripletAnchor, num_pairs: int, vocab: int, ignore_index: int, backend,
-                      chunk_size) -> tuple[torch.Tensor, torch.Tensor]:
+def anchor_log_ratios(anchor: TripletAnchor, num_pairs: int, policy_logits: torch.Tensor, ignore_index: int,
+                      backend, chunk_size) -> tuple[torch.Tensor, torch.Tensor]:
     """Validated ``([B, Ta] log pi - log ref, [B, Ta] mask)`` of the anchor responses."""
     if not isinstance(anchor, TripletAnchor):
         raise TypeError(f"anchor must be a tidpo.TripletAnchor, got {type(anchor).__name__}")
     v.check_logits(anchor.logits, "anchor.logits")
+    v.check_same_device(anchor.logits, policy_logits, "anchor.logits", "policy_logits")
+    vocab = policy_logits.shape[-1]
     if anchor.logits.dim() != 3 or anchor.logits.shape[0] != num_pairs or anchor.logits.shape[-1] != vocab:
         raise ValueError(
             f"anchor.logits must have shape [B={num_pairs}, Ta, V={vocab}], got {tuple(anchor.logits.shape)}"
@@ -117,10 +119,8 @@ def ti_dpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: t
         losses = losses + kl_coef * 0.5 * (k_w + k_l)
     extra = {"kl/chosen": k_w, "kl/rejected": k_l, **weight_metrics(weights, batch)}
     if anchor is not None and gamma > 0:
-        if isinstance(anchor, TripletAnchor) and isinstance(anchor.logits, torch.Tensor):
-            v.check_same_device(anchor.logits, policy_logits, "anchor.logits", "policy_logits")
-        a_rho, a_mask = anchor_log_ratios(anchor, batch.num_pairs, policy_logits.shape[-1], ignore_index,
-                                          backend, chunk_size)
+        a_rho, a_mask = anchor_log_ratios(anchor, batch.num_pairs, policy_logits, ignore_index, backend,
+                                          chunk_size)
         rho_rows, mask_rows = batch.rows(rho)
         rho_w, rho_l = split_pairs(rho_rows)
         mask_w, mask_l = split_pairs(mask_rows)

@@ -13,17 +13,9 @@ import torch
 
 from tidpo._validation import check_labels, check_logits, check_same_logits_shape
 from tidpo.ops.backend import BACKENDS, resolve_backend
-from tidpo.ops.chunked import ChunkedTokenKL, ChunkedTokenLogps, default_chunk_size
+from tidpo.ops.chunked import ChunkedTokenKL, ChunkedTokenLogps, resolve_chunk_size
 
 __all__ = ["BACKENDS", "token_logps", "token_logps_and_lse", "token_kl"]
-
-
-def _chunk(chunk_size: int | None, vocab: int) -> int:
-    if chunk_size is None:
-        return default_chunk_size(vocab)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
-    return chunk_size
 
 
 def token_logps_and_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
@@ -42,7 +34,7 @@ def token_logps_and_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index
         from tidpo.ops.triton_ops import TritonTokenLogps  # imports Triton only when used
 
         return TritonTokenLogps.apply(logits, labels, ignore_index)
-    return ChunkedTokenLogps.apply(logits, labels, ignore_index, _chunk(chunk_size, logits.shape[-1]))
+    return ChunkedTokenLogps.apply(logits, labels, ignore_index, resolve_chunk_size(chunk_size, logits.shape[-1]))
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
@@ -117,4 +109,4 @@ def token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tenso
 
         return TritonTokenKL.apply(p_logits, q_logits, labels, ignore_index)
     return ChunkedTokenKL.apply(p_logits, q_logits, labels, ignore_index,
-                                _chunk(chunk_size, p_logits.shape[-1]))
+                                resolve_chunk_size(chunk_size, p_logits.shape[-1]))

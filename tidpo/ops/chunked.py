@@ -31,6 +31,15 @@ def default_chunk_size(vocab_size: int) -> int:
     return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
 
 
+def resolve_chunk_size(chunk_size: int | None, vocab_size: int) -> int:
+    """``chunk_size`` checked, or :func:`default_chunk_size` when None."""
+    if chunk_size is None:
+        return default_chunk_size(vocab_size)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return chunk_size
+
+
 def compute_dtype(logits: torch.Tensor) -> torch.dtype:
     """float64 logits are computed in float64 (gradcheck); everything else in float32."""
     return torch.float64 if logits.dtype == torch.float64 else torch.float32

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from tidpo.ops.chunked import chunked_logps_backward, chunked_logps_forward
+from tidpo._validation import check_labels, check_logits, check_per_token
+from tidpo.ops.backend import resolve_backend
+from tidpo.ops.chunked import chunked_logps_backward, chunked_logps_forward, resolve_chunk_size
 
 
 def sequence_rows(values: torch.Tensor, mask: torch.Tensor,
@@ -89,10 +91,6 @@ def weighted_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, weights:
         ``(logps, sums)``: fp32 (fp64 for fp64 logits) ``logps`` shaped like ``labels`` and ``sums``
         ``[S]``, both differentiable; the backward applies ``w_t dL/dS_s`` per token inline.
     """
-    from tidpo._validation import check_labels, check_logits, check_per_token
-    from tidpo.ops import _chunk
-    from tidpo.ops.backend import resolve_backend
-
     check_logits(logits, "logits")
     check_labels(labels, logits, ignore_index)
     if weights is not None:
@@ -105,4 +103,4 @@ def weighted_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, weights:
         raise ValueError("num_sequences is required with segments")
     resolved = resolve_backend(backend, logits, op="logps")
     return WeightedSequenceLogps.apply(logits, labels, weights, segments, num_sequences, ignore_index, resolved,
-                                       _chunk(chunk_size, logits.shape[-1]))
+                                       resolve_chunk_size(chunk_size, logits.shape[-1]))
