@@ -10,6 +10,8 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 _PACKAGES = find_packages(include=["tidpo", "tidpo.*"])
+_DEMO = ["gguf>=0.10", "matplotlib>=3.7", "pyyaml>=6"]
+_DATA = ["datasets>=2.19"]
 
 setup(
     name="tidpo",
@@ -28,8 +30,15 @@ setup(
         "peft>=0.13",
     ],
     extras_require={
+        # The embedded default (SmolLM2 GGUF -> HF conversion, plots of the training run).
+        "demo": _DEMO,
+        # Datasets / Parquet input to the trainer (plain JSON/JSONL need nothing extra).
+        "data": _DATA,
+        # Benchmarks: plots (Liger-Kernel is an optional provider, installed by hand on CUDA machines).
+        "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],
         # setuptools + wheel: tests/test_packaging.py builds the wheel without network build isolation.
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "hypothesis>=6", "setuptools>=70.1", "wheel"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "hypothesis>=6", "setuptools>=70.1", "wheel",
+                *_DEMO, *_DATA],
     },
     entry_points={"console_scripts": ["tidpo=tidpo.cli:main"]},
     classifiers=[

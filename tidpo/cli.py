@@ -2,6 +2,8 @@
 
 ``tidpo demo``: the end-to-end example on the embedded default (tiny model, a few preference
 pairs, TIS-DPO); see :mod:`tidpo.demo`.
+``tidpo train``: LoRA / full fine-tuning with a preference loss; see :mod:`tidpo.train_cli`
+(``tidpo train --help`` lists every flag).
 """
 
 from __future__ import annotations
@@ -32,10 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="model initialisation seed")
     demo.add_argument("--log-every", type=int, default=5, help="print every N steps")
     demo.set_defaults(func=_demo)
+    sub.add_parser("train", add_help=False,
+                   help="train with a preference loss (LoRA by default); `tidpo train --help` lists the flags")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "train":
+        # Its flags are TrainingArguments' and the method's: transformers' HfArgumentParser owns them.
+        from tidpo.train_cli import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

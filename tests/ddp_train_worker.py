@@ -1,0 +1,43 @@
+"""Worker for tests/test_trainer_ddp.py: a few LoRA DPO steps, run alone or under ``torchrun``.
+
+Usage: ``python tests/ddp_train_worker.py OUT_DIR PER_DEVICE_PAIRS STEPS``. Every process writes its
+LoRA weights to ``OUT_DIR/lora-rank{RANK}.pt``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from tidpo.assets import gpt2_tokenizer, tiny_gpt2
+from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer
+from tidpo.trainer.run import RunArguments, apply_lora
+
+# Two pairs: one global batch per step, whatever the number of processes.
+ROWS = [
+    {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a large city in Spain, I think."},
+    {"prompt": "Two plus two equals", "chosen": " four, of course.", "rejected": " five."},
+]
+
+
+def main(out_dir: str, per_device_pairs: int, steps: int) -> None:
+    torch.manual_seed(0)
+    model = apply_lora(tiny_gpt2(seed=0), RunArguments(model="tiny-gpt2", lora_r=4, lora_alpha=8))
+    # gloo only when launched by torchrun (accelerate refuses a backend without a process group).
+    backend = "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    config = TokenWeightedDPOConfig(
+        output_dir=out_dir, use_cpu=True, ddp_backend=backend, per_device_train_batch_size=per_device_pairs,
+        max_steps=steps, learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
+        report_to=[], disable_tqdm=True, seed=0, loss="dpo", beta=0.5)
+    trainer = TokenWeightedDPOTrainer(model, config, train_dataset=ROWS, processing_class=gpt2_tokenizer())
+    trainer.train()
+    lora = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
+    rank = int(os.environ.get("RANK", "0"))
+    torch.save({"lora": lora, "world_size": trainer.accelerator.num_processes,
+                "log_history": trainer.state.log_history}, os.path.join(out_dir, f"lora-rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

@@ -1,0 +1,149 @@
+"""``TokenWeightedDPOConfig``: ``transformers.TrainingArguments`` plus the preference method's fields.
+
+Every field below is a command-line flag of ``tidpo train`` (``--beta 0.2``, ``--max-length 256``),
+next to all of ``TrainingArguments`` (``--learning-rate``, ``--per-device-train-batch-size``, …).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+#: Losses the trainer computes, and what each needs from the reference model.
+#: ``"logps"``: per-token reference log-probs only (may be precomputed once);
+#: ``"logits"``: the full reference distribution every step (KL terms over the vocabulary).
+LOSS_REFERENCE_NEEDS = {
+    "dpo": "logps",
+    "ipo": "logps",
+    "hinge": "logps",
+    "tdpo1": "logits",
+    "tdpo2": "logits",
+    "tis_dpo": "logps",
+}
+LOSSES = tuple(LOSS_REFERENCE_NEEDS)
+TRUNCATION_MODES = ("keep_end", "keep_start")
+KL_FORMS = ("released", "paper_tdpo1", "paper_tdpo2")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass
+class TokenWeightedDPOConfig(TrainingArguments):
+    """Training arguments for :class:`~tidpo.trainer.TokenWeightedDPOTrainer`.
+
+    Adds the method's hyper-parameters to ``transformers.TrainingArguments``; everything else
+    (optimiser, schedule, batch sizes, logging, checkpoints, ``bf16``, DDP/FSDP through
+    ``accelerate``) is the Trainer's own. ``remove_unused_columns`` defaults to ``False`` because
+    the preference collator needs every column of the tokenised pairs.
+
+    Method fields (see ``../shared/METHODS.md`` for the formulas):
+
+    ==========================  =========  ================================================================
+    field                       default    meaning
+    ==========================  =========  ================================================================
+    ``loss``                    ``dpo``    ``dpo`` / ``ipo`` / ``hinge`` (DPO, §4.2), ``tdpo1`` / ``tdpo2``
+                                           (TDPO, §1), ``tis_dpo`` (TIS-DPO as released, §2.3)
+    ``beta``                    0.1        inverse temperature β of every loss (> 0)
+    ``alpha``                   0.5        TDPO2 / token-level TIS-DPO KL weight α (≥ 0)
+    ``label_smoothing``         0.0        conservative DPO ε in [0, 0.5) (``dpo`` only)
+    ``token_level``             False      TIS-DPO: add the weighted KL branch (needs reference logits)
+    ``kl_form``                 released   TIS-DPO KL form: ``released`` / ``paper_tdpo1`` / ``paper_tdpo2``
+    ``max_length``              512        prompt + response tokens per sequence
+    ``max_prompt_length``       256        prompt tokens kept when a pair is too long (< max_length)
+    ``truncation_mode``         keep_end   which prompt tokens survive truncation (``keep_start``)
+    ``precompute_ref_logps``    False      one reference pass before training; the reference model is
+                                           then not needed (losses that need reference logits refuse)
+    ``chosen_weights_column``   ...        per-token weight columns (TIS-DPO), one value per response
+    ``rejected_weights_column``            token but the final EOS (which gets weight 0)
+    ``loss_backend``            None       tidpo op backend: ``auto`` / ``torch`` / ``triton`` (None: env)
+    ==========================  =========  ================================================================
+    """
+
+    loss: str = field(default="dpo", metadata=_help(
+        "preference loss: dpo | ipo | hinge (DPO, Rafailov et al. 2023; IPO, Azar et al. 2023) | tdpo1 | tdpo2 "
+        "(TDPO, Zeng et al. 2024) | tis_dpo (TIS-DPO, Liu et al. 2025; needs per-token weights)"))
+    beta: float = field(default=0.1, metadata=_help("inverse temperature beta of the preference loss (> 0)"))
+    alpha: float = field(default=0.5, metadata=_help(
+        "weight alpha of the sequential KL term: TDPO2 and token-level TIS-DPO (>= 0)"))
+    label_smoothing: float = field(default=0.0, metadata=_help(
+        "conservative-DPO label smoothing epsilon in [0, 0.5) (loss=dpo only)"))
+    token_level: bool = field(default=False, metadata=_help(
+        "TIS-DPO: add the released weighted KL(pi||ref) branch (needs the reference's full distribution)"))
+    kl_form: str = field(default="released", metadata=_help(
+        "TIS-DPO KL form with token_level: released | paper_tdpo1 | paper_tdpo2"))
+    max_length: int = field(default=512, metadata=_help("maximum prompt + response tokens per sequence"))
+    max_prompt_length: int = field(default=256, metadata=_help(
+        "prompt tokens kept when prompt + response exceed max_length (must be < max_length)"))
+    truncation_mode: str = field(default="keep_end", metadata=_help(
+        "which prompt tokens truncation keeps: keep_end (the last, TRL's default) | keep_start"))
+    precompute_ref_logps: bool = field(default=False, metadata=_help(
+        "compute the reference per-token log-probs once before training instead of every step "
+        "(dpo / ipo / hinge / tis_dpo without token_level)"))
+    chosen_weights_column: str = field(default="chosen_weights", metadata=_help(
+        "dataset column with the chosen response's per-token weights (TIS-DPO)"))
+    rejected_weights_column: str = field(default="rejected_weights", metadata=_help(
+        "dataset column with the rejected response's per-token weights (TIS-DPO)"))
+    loss_backend: str | None = field(default=None, metadata=_help(
+        "tidpo op backend: auto | torch | triton (default: $TIDPO_BACKEND, else auto)"))
+    remove_unused_columns: bool = field(default=False, metadata=_help(
+        "kept False: the preference collator reads every tokenised column"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice(self.loss, "loss", LOSSES)
+        _check_choice(self.truncation_mode, "truncation_mode", TRUNCATION_MODES)
+        _check_choice(self.kl_form, "kl_form", KL_FORMS)
+        if self.loss_backend is not None:
+            _check_choice(self.loss_backend, "loss_backend", ("auto", "torch", "triton"))
+        _check_number(self.beta, "beta", low=0.0, low_open=True)
+        _check_number(self.alpha, "alpha", low=0.0)
+        _check_number(self.label_smoothing, "label_smoothing", low=0.0, high=0.5)
+        if self.label_smoothing and self.loss != "dpo":
+            raise ValueError(f"label_smoothing applies to loss='dpo' only, got loss={self.loss!r}")
+        if self.token_level and self.loss != "tis_dpo":
+            raise ValueError(f"token_level applies to loss='tis_dpo' only, got loss={self.loss!r}")
+        if self.kl_form != "released" and not self.token_level:
+            raise ValueError(f"kl_form={self.kl_form!r} selects a KL term: it needs token_level=True")
+        for name in ("max_length", "max_prompt_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                             f"({self.max_length}) so that some response tokens survive truncation")
+        if self.precompute_ref_logps and self.needs_ref_logits:
+            raise ValueError(f"precompute_ref_logps cannot serve loss={self.loss!r}"
+                             f"{' with token_level' if self.token_level else ''}: it needs the reference "
+                             "model's full distribution at every step")
+        if self.remove_unused_columns:
+            raise ValueError("remove_unused_columns must be False: the preference collator needs every column")
+        for name in ("chosen_weights_column", "rejected_weights_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"{name} must be a non-empty column name, got {getattr(self, name)!r}")
+
+    @property
+    def needs_ref_logits(self) -> bool:
+        """True when the loss reads the reference's full distribution (KL terms), not just log-probs."""
+        return LOSS_REFERENCE_NEEDS[self.loss] == "logits" or (self.loss == "tis_dpo" and self.token_level)
+
+    @property
+    def needs_weights(self) -> bool:
+        """True when the loss needs per-token weights from the data."""
+        return self.loss == "tis_dpo"
+
+
+def _check_choice(value, name: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+
+
+def _check_number(value, name: str, *, low: float, high: float | None = None, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < low or (low_open and value == low) or (high is not None and value >= high):
+        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
+        raise ValueError(f"{name} must be in {bounds}, got {value!r}")

