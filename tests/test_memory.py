@@ -6,8 +6,8 @@ threshold is pinned at 1 MiB in the workers, so RSS follows live tensor memory).
 ``F = 4 * N * V`` bytes, one fp32 ``[N, V]`` tensor; ``C`` = one fp32 ``[chunk, V]`` temporary.
 
 Size: N = 512, V = 32000 (F = 62.5 MiB) with ``chunk_size = 16`` (C = 2 MiB, F / C = 31). The
-library's default chunk (2**23 elements, C = 32 MiB) is sized for real vocab x token counts: at the
-full benchmark size (N = 4096, V = 128256) F / C = 64, but at this small size one default chunk
+library's default chunk (2**21 elements, C = 8 MiB) is sized for real vocab x token counts: at the
+full benchmark size (N = 4096, V = 128256) F / C = 256, but at this small size one default chunk
 would hold all the positions. Pinning the chunk keeps the test in the same regime as the real
 workload (temporaries a small fraction of F) while each subprocess runs in about 2 s.
 

@@ -49,7 +49,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
         labels: integer ``[N]`` or ``[R, T]``; ``ignore_index`` marks prompt/padding positions.
         ignore_index: label value of positions to skip (their log-prob is 0 and gets no gradient).
         backend: ``"auto"`` | ``"torch"`` | ``"triton"``; default from ``TIDPO_BACKEND`` (else auto).
-        chunk_size: positions per chunk on the torch path (default: 32 MiB fp32 temporaries).
+        chunk_size: positions per chunk on the torch path (default: 8 MiB fp32 temporaries).
 
     Returns:
         fp32 tensor shaped like ``labels`` (fp64 for fp64 logits), 0 at ignored positions.
