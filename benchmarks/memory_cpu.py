@@ -6,6 +6,10 @@ Usage::
                                     [--op logps|kl|all] [--chunk-size N] [--mmap-threshold BYTES]
                                     [--json PATH]
 
+:func:`measure_cell` measures one cell of the benchmark suite (:mod:`benchmarks.cases`: any op or loss,
+any provider, mode ``fwd`` / ``bwd`` / ``full``) the same way; ``python -m benchmarks.run --memory``
+uses it for the CPU cells.
+
 What is compared
 ----------------
 ``logps``: ``tidpo.token_logps(logits, labels)`` (chunked autograd function, backend ``"torch"``)
@@ -29,8 +33,8 @@ Every (provider, op, mode) measurement runs in a fresh Python process
 heap or high-water mark from another measurement leaks into it. The worker runs with glibc's
 ``MALLOC_MMAP_THRESHOLD_`` fixed at 1 MiB (``--mmap-threshold``): every tensor buffer of 1 MiB or more
 is its own ``mmap`` and is returned to the OS when freed, so RSS follows the live tensor memory. With
-glibc's default *dynamic* threshold, freed buffers of up to 32 MiB (tidpo's chunk temporaries are just
-under that) are recycled through the heap and arenas and stay resident: the tidpo cells then read
+glibc's default *dynamic* threshold, freed buffers of up to 32 MiB (tidpo's chunk temporaries, 8 MiB
+by default, are under that) are recycled through the heap and arenas and stay resident: the tidpo cells then read
 anywhere from the live peak to ~200 MiB more from one run to the next (measured at N = 4096,
 V = 128256: logps fwd 63 MiB with the fixed threshold, 63-254 MiB without). ``--mmap-threshold 0``
 measures that default behaviour. The naive path's ``[N, V]`` tensors are mmapped either way.
@@ -63,6 +67,14 @@ says nothing about GPU speed. With the fixed mmap threshold every chunk temporar
 whose pages fault in again, which costs the chunked path time on a VM; run ``--mmap-threshold 0`` for
 timings closer to the default allocator (memory numbers then get the noise described above).
 
+Benchmark cells (:func:`measure_cell`, worker ``--cell JSON``) follow the same steps with three
+differences: the warm-up of step 1 runs the cell itself at its real shape (forward + backward), so a
+``torch.compile`` provider compiles before the baseline and its compiler's memory is not billed to the
+op; the baseline is the RSS after the inputs (gradients reset); and for mode ``bwd`` the forward runs
+before the high-water mark is reset, so the reported peak is the backward's (with the saved forward
+state, alive during the backward, counted above the inputs), matching the CUDA measurement of
+:mod:`benchmarks.timing`.
+
 For ``fwd+bwd`` the gradient of the logits (``logits.grad`` / ``policy_logits.grad``) is created by
 the op and is necessarily part of both providers' extra peak. tidpo writes it in the logits' dtype;
 the naive path ends with the same dtype (the ``.float()`` cast's backward casts it back), but only
@@ -71,7 +83,7 @@ after building it in fp32.
 How to read the result
 ----------------------
 With ``F = 4 * N * V`` bytes (one fp32 ``[N, V]`` tensor), ``s`` the bytes per logits element (2 for
-bf16, 4 for fp32) and ``C`` one chunk's fp32 ``[chunk, V]`` temporary (just under 32 MiB with the
+bf16, 4 for fp32) and ``C`` one chunk's fp32 ``[chunk, V]`` temporary (just under 8 MiB with the
 default chunk, see ``tidpo.ops.chunked.CHUNK_ELEMENTS``), the structural expectations are:
 
 ==============  ==============================================  ====================================
@@ -275,6 +287,78 @@ def _worker(provider: str, op: str, mode: str, tokens: int, vocab: int, dtype_na
     return result
 
 
+def _cell_worker(spec: dict) -> dict:
+    """One benchmark cell (benchmarks.cases): warm-up at full size, baseline, then the timed region."""
+    import torch
+
+    from benchmarks import cases
+
+    op, mode, provider = spec["op"], spec["mode"], spec["provider"]
+    tokens, vocab, dtype_name = int(spec["tokens"]), int(spec["vocab"]), _dtype_name(spec["dtype"])
+    inputs = cases.make_inputs(op, tokens, vocab, dtype_name, "cpu")
+    runner = cases.make_runner(op, provider, inputs)
+    cases.warm_compile(runner, "cpu")  # compiles (compile provider), first-call initialisation
+    setup, step = cases.mode_callables(runner, mode, "cpu")
+    step(setup())  # one more run of exactly the measured mode
+    runner.clear_grads()
+    gc.collect()
+    rss_inputs = _rss_bytes()
+    state = setup()  # bwd: the forward (and its saved tensors) happens here, before the reset
+    peak_reset = _reset_peak()
+    rss_base = _rss_bytes()
+    maxrss_base = _maxrss_bytes()
+    t0 = time.perf_counter()
+    step(state)
+    seconds = time.perf_counter() - t0
+    peak = max(_maxrss_bytes(), _rss_bytes())
+    out = state.get("out")
+    finite = True if out is None else bool(torch.isfinite(out.detach()).all())
+    grad = runner.grad_leaf.grad
+    return {
+        "provider": provider, "op": op, "mode": mode, "tokens": tokens, "vocab": vocab, "dtype": dtype_name,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "input_bytes": cases.input_bytes(inputs), "fp32_full_bytes": 4 * tokens * vocab,
+        "grad_bytes": 0 if grad is None else grad.numel() * grad.element_size(),
+        "baseline_rss_bytes": rss_inputs, "baseline_slack_bytes": maxrss_base - rss_base, "peak_reset": peak_reset,
+        # The high-water mark above the RSS with only the inputs resident (bwd: the saved forward state counts).
+        "extra_peak_bytes": peak - rss_inputs, "op_seconds": seconds, "finite": finite,
+    }
+
+
+def measure_cell(op: str, mode: str, provider: str, tokens: int, vocab: int, dtype="bfloat16", *,
+                 mmap_threshold: int | None = DEFAULT_MMAP_THRESHOLD, timeout: float | None = None) -> dict:
+    """Extra peak memory of one benchmark cell (``benchmarks.cases``), in a fresh subprocess.
+
+    ``op`` in ``benchmarks.shapes.ALL_OPS``, ``mode`` in ``fwd`` / ``bwd`` / ``full``, ``provider`` in
+    ``benchmarks.shapes.PROVIDERS``. Returns the worker's dict (``extra_peak_bytes``, ``grad_bytes``,
+    ``input_bytes``, ...) plus ``subprocess_seconds``; raises ``RuntimeError`` when the worker fails.
+    """
+    spec = {"op": op, "mode": mode, "provider": provider, "tokens": int(tokens), "vocab": int(vocab),
+            "dtype": _dtype_name(dtype)}
+    cmd = [sys.executable, "-m", "benchmarks.memory_cpu", "--worker", "--cell", json.dumps(spec)]
+    return _run_worker(cmd, mmap_threshold, timeout)
+
+
+def _run_worker(cmd: list[str], mmap_threshold: int | None, timeout: float | None) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {' '.join(cmd[2:])} failed with exit code {proc.returncode} "
+                           f"(negative = killed by signal, e.g. -9 for out of memory):\n{proc.stderr[-4000:]}")
+    lines = proc.stdout.strip().splitlines()
+    if not lines:
+        raise RuntimeError(f"worker {' '.join(cmd[2:])} printed no result:\n{proc.stderr[-4000:]}")
+    result = json.loads(lines[-1])
+    result["subprocess_seconds"] = elapsed
+    result["mmap_threshold"] = env.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
+    return result
+
+
 # ---------------------------------------------------------------------------------------- driver
 
 def measure(provider: str, op: str, mode: str, tokens: int, vocab: int, dtype="bfloat16", *,
@@ -297,23 +381,7 @@ def measure(provider: str, op: str, mode: str, tokens: int, vocab: int, dtype="b
            "--mode", mode, "--tokens", str(tokens), "--vocab", str(vocab), "--dtype", _dtype_name(dtype)]
     if chunk_size is not None:
         cmd += ["--chunk-size", str(chunk_size)]
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    if mmap_threshold:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(int(mmap_threshold))
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    elapsed = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {' '.join(cmd[2:])} failed with exit code {proc.returncode} "
-                           f"(negative = killed by signal, e.g. -9 for out of memory):\n{proc.stderr[-4000:]}")
-    lines = proc.stdout.strip().splitlines()
-    if not lines:
-        raise RuntimeError(f"worker {' '.join(cmd[2:])} printed no result:\n{proc.stderr[-4000:]}")
-    result = json.loads(lines[-1])
-    result["subprocess_seconds"] = elapsed
-    result["mmap_threshold"] = env.get("MALLOC_MMAP_THRESHOLD_", "glibc default")
-    return result
+    return _run_worker(cmd, mmap_threshold, timeout)
 
 
 def _fmt_row(cells, widths) -> str:
@@ -332,10 +400,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="MALLOC_MMAP_THRESHOLD_ for the workers in bytes (0: glibc's dynamic default)")
     parser.add_argument("--json", type=Path, default=None, help="also write all results to this JSON file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # worker: a benchmarks.cases cell (JSON)
     parser.add_argument("--provider", choices=PROVIDERS, help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.worker and args.cell is not None:
+        print(json.dumps(_cell_worker(json.loads(args.cell))), flush=True)
+        return 0
     if args.worker:
         if args.provider is None or args.mode is None or args.op == "all":
             parser.error("--worker needs --provider, --mode and a single --op")
