@@ -1,4 +1,4 @@
-"""The README's main job (`tidpo demo`) runs and its loss decreases."""
+"""`tidpo quickstart` (the tiny byte-level tour) runs and its loss decreases."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ def test_build_batch_masks_prompt_and_padding():
 
 
 def test_demo_command_line():
-    out = subprocess.run([sys.executable, "-m", "tidpo.cli", "demo", "--steps", "2", "--loss", "ipo"],
+    out = subprocess.run([sys.executable, "-m", "tidpo.cli", "quickstart", "--steps", "2", "--loss", "ipo"],
                          capture_output=True, text=True, check=True)
     assert "loss=ipo" in out.stdout and "->" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "tidpo.cli", "demo", "--loss", "nope"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "tidpo.cli", "quickstart", "--loss", "nope"], capture_output=True,
                          text=True)
     assert bad.returncode != 0 and "invalid choice" in bad.stderr

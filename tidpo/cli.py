@@ -1,7 +1,9 @@
 """The ``tidpo`` command line.
 
-``tidpo demo``: the end-to-end example on the embedded default (tiny model, a few preference
-pairs, TIS-DPO); see :mod:`tidpo.demo`.
+``tidpo demo``: the main job on the embedded default — LoRA preference training of SmolLM2-135M-Instruct
+on pairs from a real dialog corpus, held-out margins and a generation before / after; see
+:mod:`tidpo.main_job`.
+``tidpo quickstart``: a one-second tour with a tiny byte-level model (:mod:`tidpo.demo`).
 ``tidpo train``: LoRA / full fine-tuning with a preference loss; see :mod:`tidpo.train_cli`
 (``tidpo train --help`` lists every flag).
 """
@@ -12,7 +14,7 @@ import argparse
 import sys
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _quickstart(args: argparse.Namespace) -> int:
     from tidpo.demo import run_demo
 
     run_demo(steps=args.steps, lr=args.lr, loss=args.loss, beta=args.beta, seed=args.seed,
@@ -20,20 +22,60 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from tidpo.main_job import run_main_job
+
+    run_main_job(loss=args.loss, steps=args.steps, eval_every=args.eval_every, num_heldout=args.num_heldout,
+                 num_train=args.num_train, batch_pairs=args.batch_pairs, lr=args.lr, beta=args.beta,
+                 lora_r=args.lora_r, lora_layers=args.lora_layers, max_reply_words=args.max_reply_words,
+                 output_dir=args.output_dir, model=args.model, seed=args.seed)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from tidpo.demo import DEMO_LOSSES
+    from tidpo.main_job import MAIN_JOB_LOSSES
 
     parser = argparse.ArgumentParser(prog="tidpo", description="Token-weighted preference optimisation.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a tiny built-in model on built-in preference pairs",
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    demo.add_argument("--loss", choices=DEMO_LOSSES, default="tis_dpo", help="preference loss")
-    demo.add_argument("--steps", type=int, default=40, help="optimiser steps (full batch)")
-    demo.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
-    demo.add_argument("--beta", type=float, default=0.1, help="DPO inverse temperature")
-    demo.add_argument("--seed", type=int, default=0, help="model initialisation seed")
-    demo.add_argument("--log-every", type=int, default=5, help="print every N steps")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    demo = sub.add_parser("demo", formatter_class=fmt,
+                          help="the main job: LoRA preference training of SmolLM2-135M-Instruct on real dialog "
+                               "pairs (CPU, a few minutes; nothing downloaded)")
+    demo.add_argument("--loss", choices=MAIN_JOB_LOSSES, default="dpo", help="preference loss")
+    demo.add_argument("--steps", type=_positive_int, default=40, help="optimiser steps")
+    demo.add_argument("--eval-every", type=_positive_int, default=10, help="held-out evaluation every N steps")
+    demo.add_argument("--num-heldout", type=_positive_int, default=32, help="held-out pairs")
+    demo.add_argument("--num-train", type=_positive_int, default=None, help="training pairs (default: all)")
+    demo.add_argument("--batch-pairs", type=_positive_int, default=4, help="pairs per step")
+    demo.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (constant)")
+    demo.add_argument("--beta", type=float, default=0.1, help="inverse temperature beta")
+    demo.add_argument("--lora-r", type=_positive_int, default=16, help="LoRA rank (alpha = 2r)")
+    demo.add_argument("--lora-layers", type=_positive_int, default=8,
+                      help="adapters in the last N transformer blocks only (backward stops below them)")
+    demo.add_argument("--max-reply-words", type=_positive_int, default=24, help="longest corpus reply used")
+    demo.add_argument("--output-dir", default="tidpo-demo", help="adapter and plot go here")
+    demo.add_argument("--model", default="embedded", help="'embedded' (SmolLM2-135M-Instruct), 'tiny-gpt2' "
+                                                          "(smoke runs) or a local model folder")
+    demo.add_argument("--seed", type=int, default=0, help="LoRA initialisation, data order and split seed")
     demo.set_defaults(func=_demo)
+
+    quick = sub.add_parser("quickstart", formatter_class=fmt,
+                           help="a one-second tour: a tiny byte-level model, eight pairs, TIS-DPO(P) weights")
+    quick.add_argument("--loss", choices=DEMO_LOSSES, default="tis_dpo", help="preference loss")
+    quick.add_argument("--steps", type=int, default=40, help="optimiser steps (full batch)")
+    quick.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    quick.add_argument("--beta", type=float, default=0.1, help="DPO inverse temperature")
+    quick.add_argument("--seed", type=int, default=0, help="model initialisation seed")
+    quick.add_argument("--log-every", type=int, default=5, help="print every N steps")
+    quick.set_defaults(func=_quickstart)
     sub.add_parser("train", add_help=False,
                    help="train with a preference loss (LoRA by default); `tidpo train --help` lists the flags")
     return parser
