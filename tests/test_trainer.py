@@ -144,7 +144,8 @@ def test_every_loss_trains(tmp_path, tokenizer, loss):
     if loss == "tis_dpo":
         assert any(k.startswith("weights/") for k in logged[0])
     metrics = trainer.evaluate()
-    assert math.isfinite(metrics["eval_loss"]) and "eval_rewards/margins" in metrics
+    assert math.isfinite(metrics["eval_loss"])
+    assert ("eval_sft/nll" if loss == "sft" else "eval_rewards/margins") in metrics
 
 
 def test_token_level_tis_dpo_uses_reference_logits(tmp_path, tokenizer):
@@ -233,3 +234,34 @@ def test_full_finetune_uses_a_frozen_copy(tmp_path, tokenizer):
     for name, value in before.items():
         torch.testing.assert_close(ref[name], value, rtol=0, atol=0)
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_sft_loss_is_the_mean_nll_of_the_chosen_responses(tmp_path, tokenizer):
+    trainer = TokenWeightedDPOTrainer(lora_model(), config(tmp_path, loss="sft"), train_dataset=ROWS,
+                                      processing_class=tokenizer)
+    assert trainer.ref_model is None
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    out = trainer.preference_loss(trainer.model, batch)
+    with torch.no_grad():
+        logits = trainer.model(input_ids=batch["input_ids"][:4]).logits[:, :-1].double()
+    labels = batch["labels"][:4, 1:]
+    valid = labels != -100
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    expected = -(logp * valid).sum() / valid.sum()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="uses no reference model"):
+        config(tmp_path, loss="sft", precompute_ref_logps=True)
+
+
+def test_reverse_swaps_chosen_and_rejected_with_their_weights(tokenizer):
+    from tidpo.trainer.run import load_train_eval_rows, swap_chosen_rejected
+
+    row = with_weights(ROWS[:1], tokenizer)[0]
+    swapped = swap_chosen_rejected(row)
+    assert swapped["chosen"] == row["rejected"] and swapped["rejected"] == row["chosen"]
+    assert swapped["chosen_weights"] == row["rejected_weights"] and swapped["prompt"] == row["prompt"]
+    assert swap_chosen_rejected(swapped) == row
+    train, held = load_train_eval_rows(RunArguments(data="embedded", eval_size=4, reverse=True))
+    plain, plain_held = load_train_eval_rows(RunArguments(data="embedded", eval_size=4))
+    assert [r["chosen"] for r in train] == [r["rejected"] for r in plain]
+    assert [r["rejected"] for r in held] == [r["chosen"] for r in plain_held]

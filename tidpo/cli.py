@@ -32,6 +32,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_pairs(args: argparse.Namespace) -> int:
+    from tidpo.embedded import chatterbot_pairs, write_jsonl
+
+    train, held_out = chatterbot_pairs(seed=args.seed, num_heldout=args.num_heldout, conversational=not args.plain,
+                                       max_reply_words=args.max_reply_words)
+    if args.num_train is not None:
+        train = train[:args.num_train]
+    print(f"wrote {len(train)} training pairs to {write_jsonl(train, args.out)}")
+    if args.heldout_out:
+        print(f"wrote {len(held_out)} held-out pairs to {write_jsonl(held_out, args.heldout_out)}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -76,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--seed", type=int, default=0, help="model initialisation seed")
     quick.add_argument("--log-every", type=int, default=5, help="print every N steps")
     quick.set_defaults(func=_quickstart)
+    pairs = sub.add_parser("export-pairs", formatter_class=fmt,
+                           help="write the embedded preference pairs (chatterbot corpus) to JSONL files")
+    pairs.add_argument("--out", required=True, help="training pairs JSONL")
+    pairs.add_argument("--heldout-out", default=None, help="held-out pairs JSONL (default: none written)")
+    pairs.add_argument("--num-train", type=_positive_int, default=None, help="keep the first N training pairs")
+    pairs.add_argument("--num-heldout", type=_positive_int, default=32, help="held-out pairs")
+    pairs.add_argument("--max-reply-words", type=_positive_int, default=24, help="longest corpus reply used")
+    pairs.add_argument("--plain", action="store_true", help="plain-text rows instead of chat messages")
+    pairs.add_argument("--seed", type=int, default=0, help="split and rejected-draw seed")
+    pairs.set_defaults(func=_export_pairs)
+    sub.add_parser("estimate-weights", add_help=False,
+                   help="TIS-DPO token weights from a contrastive model pair; `--help` lists the flags")
+    sub.add_parser("show-weights", add_help=False,
+                   help="render token weights as HTML and PNG; `--help` lists the flags")
     sub.add_parser("train", add_help=False,
                    help="train with a preference loss (LoRA by default); `tidpo train --help` lists the flags")
     return parser
@@ -88,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         from tidpo.train_cli import main as train_main
 
         return train_main(argv[1:])
+    if argv and argv[0] in ("estimate-weights", "show-weights"):
+        from tidpo.weights_cli import estimate_main, show_main
+
+        return (estimate_main if argv[0] == "estimate-weights" else show_main)(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -13,7 +13,8 @@ from transformers import TrainingArguments
 
 #: Losses the trainer computes, and what each needs from the reference model.
 #: ``"logps"``: per-token reference log-probs only (may be precomputed once);
-#: ``"logits"``: the full reference distribution every step (KL terms over the vocabulary).
+#: ``"logits"``: the full reference distribution every step (KL terms over the vocabulary);
+#: ``None``: no reference (SFT).
 LOSS_REFERENCE_NEEDS = {
     "dpo": "logps",
     "ipo": "logps",
@@ -21,6 +22,7 @@ LOSS_REFERENCE_NEEDS = {
     "tdpo1": "logits",
     "tdpo2": "logits",
     "tis_dpo": "logps",
+    "sft": None,
 }
 LOSSES = tuple(LOSS_REFERENCE_NEEDS)
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -46,7 +48,8 @@ class TokenWeightedDPOConfig(TrainingArguments):
     field                       default    meaning
     ==========================  =========  ================================================================
     ``loss``                    ``dpo``    ``dpo`` / ``ipo`` / ``hinge`` (DPO, §4.2), ``tdpo1`` / ``tdpo2``
-                                           (TDPO, §1), ``tis_dpo`` (TIS-DPO as released, §2.3)
+                                           (TDPO, §1), ``tis_dpo`` (TIS-DPO as released, §2.3), ``sft``
+                                           (mean NLL of the chosen responses: TIS-DPO(S) pair builder, §2.5)
     ``beta``                    0.1        inverse temperature β of every loss (> 0)
     ``alpha``                   0.5        TDPO2 / token-level TIS-DPO KL weight α (≥ 0)
     ``label_smoothing``         0.0        conservative DPO ε in [0, 0.5) (``dpo`` only)
@@ -65,7 +68,8 @@ class TokenWeightedDPOConfig(TrainingArguments):
 
     loss: str = field(default="dpo", metadata=_help(
         "preference loss: dpo | ipo | hinge (DPO, Rafailov et al. 2023; IPO, Azar et al. 2023) | tdpo1 | tdpo2 "
-        "(TDPO, Zeng et al. 2024) | tis_dpo (TIS-DPO, Liu et al. 2025; needs per-token weights)"))
+        "(TDPO, Zeng et al. 2024) | tis_dpo (TIS-DPO, Liu et al. 2025; needs per-token weights) | sft (mean "
+        "token NLL of the chosen responses, prompt masked; builds TIS-DPO(S) contrastive models)"))
     beta: float = field(default=0.1, metadata=_help("inverse temperature beta of the preference loss (> 0)"))
     alpha: float = field(default=0.5, metadata=_help(
         "weight alpha of the sequential KL term: TDPO2 and token-level TIS-DPO (>= 0)"))
@@ -115,6 +119,8 @@ class TokenWeightedDPOConfig(TrainingArguments):
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                              f"({self.max_length}) so that some response tokens survive truncation")
+        if self.precompute_ref_logps and not self.needs_reference:
+            raise ValueError(f"precompute_ref_logps: loss={self.loss!r} uses no reference model")
         if self.precompute_ref_logps and self.needs_ref_logits:
             raise ValueError(f"precompute_ref_logps cannot serve loss={self.loss!r}"
                              f"{' with token_level' if self.token_level else ''}: it needs the reference "
@@ -124,6 +130,11 @@ class TokenWeightedDPOConfig(TrainingArguments):
         for name in ("chosen_weights_column", "rejected_weights_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty column name, got {getattr(self, name)!r}")
+
+    @property
+    def needs_reference(self) -> bool:
+        """False for SFT, which has no reference model."""
+        return LOSS_REFERENCE_NEEDS[self.loss] is not None
 
     @property
     def needs_ref_logits(self) -> bool:

@@ -53,10 +53,15 @@ class RunArguments:
         "held-out pairs (same forms as --data); default: --eval-size pairs split off --data")})
     eval_size: int = field(default=64, metadata={"help": "pairs held out for evaluation when --eval-data is not "
                                                          "given (0: no evaluation)"})
+    reverse: bool = field(default=False, metadata={"help": (
+        "swap chosen and rejected (and their weight columns) in the training and held-out data: "
+        "--loss dpo --reverse / --loss sft --reverse build the negative model of a TIS-DPO(D) / (S) pair")})
     max_train_pairs: int | None = field(default=None, metadata={"help": "use at most this many training pairs"})
     weights: str | None = field(default=None, metadata={"help": (
         "per-token weights file (JSONL/JSON/Parquet, one row per training pair, chosen_weights/rejected_weights: "
         "one value per response token but the final EOS) for --loss tis_dpo")})
+    eval_weights: str | None = field(default=None, metadata={"help": (
+        "per-token weights file for --eval-data (needed to evaluate --loss tis_dpo on separate held-out pairs)")})
     dtype: str = field(default="float32", metadata={"help": "dtype the model is loaded in: float32 | bfloat16 | "
                                                             "float16 (mixed precision: --bf16 / --fp16)"})
     use_lora: bool = field(default=True, metadata={"help": "train LoRA adapters (PEFT); --no-use-lora trains all "
@@ -139,11 +144,25 @@ def load_train_eval_rows(args: RunArguments) -> tuple[list[dict], list[dict] | N
             held = set(order[:args.eval_size])
             held_out = [r for i, r in enumerate(train) if i in held]
             train = [r for i, r in enumerate(train) if i not in held]
+    if args.eval_weights is not None and args.eval_data is None:
+        raise ValueError("--eval-weights needs --eval-data (held-out pairs split off --data share --weights)")
     if args.eval_data is not None:
-        held_out = load_preference_rows(args.eval_data)
+        held_out = load_preference_rows(args.eval_data, weights=args.eval_weights)
     if args.max_train_pairs is not None:
         train = train[:args.max_train_pairs]
+    if args.reverse:
+        train = [swap_chosen_rejected(r) for r in train]
+        held_out = None if held_out is None else [swap_chosen_rejected(r) for r in held_out]
     return train, held_out
+
+
+def swap_chosen_rejected(row: dict) -> dict:
+    """The pair with chosen and rejected exchanged (weight columns too): y_l ≻ y_w."""
+    out = dict(row)
+    out["chosen"], out["rejected"] = row["rejected"], row["chosen"]
+    if "chosen_weights" in row or "rejected_weights" in row:
+        out["chosen_weights"], out["rejected_weights"] = row.get("rejected_weights"), row.get("chosen_weights")
+    return out
 
 
 def apply_lora(model, args: RunArguments):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 class TokenWeightedDPOTrainer(Trainer):
-    """Trainer for DPO / IPO / hinge, TDPO1/2 and TIS-DPO from prompt / chosen / rejected data.
+    """Trainer for DPO / IPO / hinge, TDPO1/2, TIS-DPO (and SFT on the chosen responses) from preference data.
 
     One forward of the policy over the 2B stacked rows of a batch (rows ``[0, B)`` prompt + chosen,
     ``[B, 2B)`` prompt + rejected) gives logits ``[2B, T, V]``; the loss reads ``logits[:, :-1]``
@@ -76,8 +77,10 @@ class TokenWeightedDPOTrainer(Trainer):
         if ref_model is not None and ref_model is model:
             raise ValueError("ref_model must be a separate model, not the policy itself (leave it None with a "
                              "PEFT model to use the adapter-disabled policy as reference)")
+        if not args.needs_reference and ref_model is not None:
+            raise ValueError(f"loss={args.loss!r} uses no reference model; do not pass ref_model")
         self._uses_adapter_reference = ref_model is None and is_peft_model(model)
-        if ref_model is None and not self._uses_adapter_reference:
+        if ref_model is None and not self._uses_adapter_reference and args.needs_reference:
             ref_model = copy.deepcopy(model)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
@@ -110,11 +113,15 @@ class TokenWeightedDPOTrainer(Trainer):
         if dataset is None or isinstance(dataset, PreferenceDataset):
             return dataset
         rows = load_preference_rows(dataset)
-        return tokenize_preference_rows(
-            rows, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
-            truncation_mode=args.truncation_mode,
-            weights_columns=(args.chosen_weights_column, args.rejected_weights_column),
-            require_weights=args.needs_weights, desc=f"tokenising {name}")
+        try:
+            return tokenize_preference_rows(
+                rows, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
+                truncation_mode=args.truncation_mode,
+                weights_columns=(args.chosen_weights_column, args.rejected_weights_column),
+                require_weights=args.needs_weights, desc=f"tokenising {name}")
+        except ValueError as error:
+            # Say which dataset the row belongs to (train and eval rows are both numbered from 0).
+            raise ValueError(f"{name}: {error}") from error
 
     @contextlib.contextmanager
     def _reference_model(self):
@@ -164,6 +171,8 @@ class TokenWeightedDPOTrainer(Trainer):
     def preference_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
         """The configured loss of one collated batch; returns the :class:`~tidpo.PreferenceLossOutput`."""
         args: TokenWeightedDPOConfig = self.args
+        if args.loss == "sft":
+            return sft_loss(model, inputs, backend=args.loss_backend)
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         labels = inputs["labels"][:, 1:]
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
@@ -205,7 +214,7 @@ class TokenWeightedDPOTrainer(Trainer):
             out = self.preference_loss(model, inputs)
         self._store_metrics(out.metrics, "eval")
         loss = out.loss.detach()
-        if prediction_loss_only:
+        if prediction_loss_only or out.chosen_rewards is None:
             return loss, None, None
         # "Predictions": the implicit rewards [B, 2] (chosen, rejected); label 0 = the chosen column.
         rewards = torch.stack([out.chosen_rewards, out.rejected_rewards], dim=1)
@@ -233,3 +242,31 @@ class TokenWeightedDPOTrainer(Trainer):
 
 
 _DPO_TYPES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge"}
+
+
+class SFTOutput(NamedTuple):
+    """``loss`` and logging ``metrics`` of :func:`sft_loss`; no rewards (there is no reference)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    chosen_rewards: None = None
+    rejected_rewards: None = None
+
+
+def sft_loss(model: nn.Module, inputs: dict[str, torch.Tensor], backend: str | None = None) -> SFTOutput:
+    """Mean token NLL of the chosen responses: ``L = -sum_t log pi(y_t) / n`` over the B chosen rows.
+
+    Only rows ``[0, B)`` are run through the model (the rejected half is not needed). With
+    ``--reverse`` the data's chosen and rejected are swapped first, so this trains on the rejected
+    responses: the two SFT models of the TIS-DPO(S) contrastive pair (METHODS.md §2.5).
+    """
+    num_pairs = inputs["input_ids"].shape[0] // 2
+    labels = inputs["labels"][:num_pairs, 1:]
+    logits = model(input_ids=inputs["input_ids"][:num_pairs], attention_mask=inputs["attention_mask"][:num_pairs],
+                   use_cache=False).logits[:, :-1]
+    logps = token_logps(logits, labels, IGNORE_INDEX, backend=backend)
+    count = (labels != IGNORE_INDEX).sum()
+    loss = -logps.sum() / count.clamp(min=1)
+    per_row = logps.sum(-1).detach()
+    return SFTOutput(loss, {"sft/nll": loss.detach(), "logps/chosen": per_row.mean(),
+                            "sft/tokens": count.detach().float()})
