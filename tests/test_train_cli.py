@@ -113,3 +113,29 @@ def test_example_script_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "eval_rewards/margins" in proc.stdout
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_export_pairs_writes_the_embedded_splits(tmp_path):
+    from tidpo.data import load_preference_rows
+    from tidpo.embedded import chatterbot_pairs
+
+    out, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    assert cli_main(["export-pairs", "--out", str(out), "--heldout-out", str(held), "--num-train", "10",
+                     "--num-heldout", "4", "--plain"]) == 0
+    train_rows, held_rows = load_preference_rows(out), load_preference_rows(held)
+    expected_train, expected_held = chatterbot_pairs(num_heldout=4, conversational=False, max_reply_words=24)
+    assert train_rows == expected_train[:10] and held_rows == expected_held
+    assert all(isinstance(r["chosen"], str) for r in train_rows)
+
+
+def test_sft_and_reverse_builders_run(tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    for extra in (["--loss", "sft"], ["--loss", "sft", "--reverse"], ["--loss", "dpo", "--reverse"]):
+        out = tmp_path / "_".join(extra).replace("-", "")
+        assert cli_main(["train", "--model", "tiny-gpt2", "--data", str(data), "--eval-size", "2", *extra,
+                         "--max-steps", "2", "--output-dir", str(out), "--use-cpu", "--disable-tqdm", "true",
+                         "--merge-adapter"]) == 0
+        assert (out / "merged" / "config.json").is_file()
+        summary = json.loads((out / "tidpo_summary.json").read_text())
+        key = "eval_sft/nll" if "sft" in extra else "eval_rewards/margins"
+        assert key in summary["eval_after"]
