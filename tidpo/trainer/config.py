@@ -22,8 +22,13 @@ LOSS_REFERENCE_NEEDS = {
     "tdpo1": "logits",
     "tdpo2": "logits",
     "tis_dpo": "logps",
+    "ti_dpo": "logits",
     "sft": None,
 }
+#: TI-DPO hyper-parameters of the official code (config/loss/tidpo.yaml), applied by ``ti_preset="official"``;
+#: the field defaults are the paper's table (METHODS.md §3.5).
+TI_OFFICIAL_PRESET = {"beta": 0.2, "gamma": 0.001, "triplet_margin": 0.001, "ti_lambda": 0.2,
+                      "prior_sigma_div": 8.0, "importance_scope": "sequence"}
 LOSSES = tuple(LOSS_REFERENCE_NEEDS)
 TRUNCATION_MODES = ("keep_end", "keep_start")
 KL_FORMS = ("released", "paper_tdpo1", "paper_tdpo2")
@@ -49,7 +54,11 @@ class TokenWeightedDPOConfig(TrainingArguments):
     ==========================  =========  ================================================================
     ``loss``                    ``dpo``    ``dpo`` / ``ipo`` / ``hinge`` (DPO, §4.2), ``tdpo1`` / ``tdpo2``
                                            (TDPO, §1), ``tis_dpo`` (TIS-DPO as released, §2.3), ``sft``
-                                           (mean NLL of the chosen responses: TIS-DPO(S) pair builder, §2.5)
+                                           (mean NLL of the chosen responses: TIS-DPO(S) pair builder, §2.5),
+                                           ``ti_dpo`` (TI-DPO, §3: online attribution weights, anchors)
+    ``gamma`` ... ``ti_preset``            TI-DPO: triplet weight 0.1 and margin 1e-3, λ 0.7, σ = n/4,
+                                           response-scope importance, anchor sampling (top-k 50, top-p
+                                           0.95, T 0.8, 64 tokens); ``ti_preset="official"`` = the code's
     ``beta``                    0.1        inverse temperature β of every loss (> 0)
     ``alpha``                   0.5        TDPO2 / token-level TIS-DPO KL weight α (≥ 0)
     ``label_smoothing``         0.0        conservative DPO ε in [0, 0.5) (``dpo`` only)
@@ -68,7 +77,8 @@ class TokenWeightedDPOConfig(TrainingArguments):
 
     loss: str = field(default="dpo", metadata=_help(
         "preference loss: dpo | ipo | hinge (DPO, Rafailov et al. 2023; IPO, Azar et al. 2023) | tdpo1 | tdpo2 "
-        "(TDPO, Zeng et al. 2024) | tis_dpo (TIS-DPO, Liu et al. 2025; needs per-token weights) | sft (mean "
+        "(TDPO, Zeng et al. 2024) | tis_dpo (TIS-DPO, Liu et al. 2025; needs per-token weights) | ti_dpo (TI-DPO, "
+        "Yang et al. 2026: online gradient-attribution weights + triplet loss) | sft (mean "
         "token NLL of the chosen responses, prompt masked; builds TIS-DPO(S) contrastive models)"))
     beta: float = field(default=0.1, metadata=_help("inverse temperature beta of the preference loss (> 0)"))
     alpha: float = field(default=0.5, metadata=_help(
@@ -93,11 +103,47 @@ class TokenWeightedDPOConfig(TrainingArguments):
         "dataset column with the rejected response's per-token weights (TIS-DPO)"))
     loss_backend: str | None = field(default=None, metadata=_help(
         "tidpo op backend: auto | torch | triton (default: $TIDPO_BACKEND, else auto)"))
+    gamma: float = field(default=0.1, metadata=_help(
+        "TI-DPO triplet-loss weight gamma (paper 0.1; 0 disables anchors)"))
+    triplet_margin: float = field(default=1e-3, metadata=_help("TI-DPO triplet margin alpha_trp (official code 1e-3)"))
+    ti_lambda: float = field(default=0.7, metadata=_help(
+        "TI-DPO mix lambda of gradient importance vs the Gaussian prior (paper 0.7, official code 0.2)"))
+    prior_sigma_div: float = field(default=4.0, metadata=_help(
+        "TI-DPO prior width: sigma = n / prior_sigma_div (paper 4, official code 8)"))
+    importance_scope: str = field(default="response", metadata=_help(
+        "TI-DPO weights over the response tokens (paper) | over the whole sequence (official code: sequence)"))
+    kl_coef: float = field(default=0.0, metadata=_help(
+        "TI-DPO extra kl_coef * (KL_w + KL_l) / 2 term (code default 0)"))
+    anchor_max_new_tokens: int = field(default=64, metadata=_help("TI-DPO anchor: most sampled tokens"))
+    anchor_top_k: int = field(default=50, metadata=_help("TI-DPO anchor sampling top_k"))
+    anchor_top_p: float = field(default=0.95, metadata=_help("TI-DPO anchor sampling top_p"))
+    anchor_temperature: float = field(default=0.8, metadata=_help("TI-DPO anchor sampling temperature"))
+    ti_preset: str | None = field(default=None, metadata=_help(
+        "official: use the official TI-DPO code's values (beta 0.2, gamma 1e-3, triplet margin 1e-3, lambda 0.2, "
+        "sigma = n/8, whole-sequence importance) instead of the paper's defaults; overrides those fields"))
     remove_unused_columns: bool = field(default=False, metadata=_help(
         "kept False: the preference collator reads every tokenised column"))
 
     def __post_init__(self):
         super().__post_init__()
+        if self.ti_preset is not None:
+            _check_choice(self.ti_preset, "ti_preset", ("official",))
+            if self.loss != "ti_dpo":
+                raise ValueError(f"ti_preset applies to loss='ti_dpo' only, got loss={self.loss!r}")
+            for name, value in TI_OFFICIAL_PRESET.items():
+                setattr(self, name, value)
+        _check_choice(self.importance_scope, "importance_scope", ("response", "sequence"))
+        _check_number(self.gamma, "gamma", low=0.0)
+        _check_number(self.triplet_margin, "triplet_margin", low=0.0)
+        _check_number(self.ti_lambda, "ti_lambda", low=0.0, high=1.0 + 1e-12)
+        _check_number(self.prior_sigma_div, "prior_sigma_div", low=0.0, low_open=True)
+        _check_number(self.kl_coef, "kl_coef", low=0.0)
+        _check_number(self.anchor_top_p, "anchor_top_p", low=0.0, low_open=True, high=1.0 + 1e-12)
+        _check_number(self.anchor_temperature, "anchor_temperature", low=0.0, low_open=True)
+        for name in ("anchor_max_new_tokens", "anchor_top_k"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
+                    or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         _check_choice(self.loss, "loss", LOSSES)
         _check_choice(self.truncation_mode, "truncation_mode", TRUNCATION_MODES)
         _check_choice(self.kl_form, "kl_form", KL_FORMS)

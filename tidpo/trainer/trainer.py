@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from collections import defaultdict
 from typing import NamedTuple
 
@@ -16,10 +17,12 @@ from torch import nn
 from transformers import Trainer
 
 from tidpo.data import PreferenceCollator, PreferenceDataset, load_preference_rows, tokenize_preference_rows
-from tidpo.losses import dpo_loss, tdpo_loss, tis_dpo_loss
+from tidpo.losses import TripletAnchor, dpo_loss, tdpo_loss, ti_dpo_loss, tis_dpo_loss
 from tidpo.ops import token_logps
+from tidpo.trainer.anchors import sample_anchors
 from tidpo.trainer.config import TokenWeightedDPOConfig
 from tidpo.trainer.reference import precompute_reference_logps
+from tidpo.weights.attribution import ti_dpo_token_weights, weight_entropy
 
 IGNORE_INDEX = -100
 
@@ -195,6 +198,8 @@ class TokenWeightedDPOTrainer(Trainer):
         if args.loss in ("dpo", "ipo", "hinge"):
             return dpo_loss(logits, labels, ref_logps=ref_logps, beta=args.beta, loss_type=_DPO_TYPES[args.loss],
                             label_smoothing=args.label_smoothing, **common)
+        if args.loss == "ti_dpo":
+            return self._ti_dpo_loss(model, inputs, logits, labels, ref_logits)
         if args.loss in ("tdpo1", "tdpo2"):
             return tdpo_loss(logits, ref_logits, labels, beta=args.beta, alpha=args.alpha,
                              variant=int(args.loss[-1]), **common)
@@ -202,6 +207,38 @@ class TokenWeightedDPOTrainer(Trainer):
             return tis_dpo_loss(logits, labels, weights, ref_logps=ref_logps, ref_logits=ref_logits, beta=args.beta,
                                 token_level=args.token_level, alpha=args.alpha, kl_form=args.kl_form, **common)
         raise ValueError(f"unknown loss {args.loss!r}")  # unreachable: the config validates it
+
+    def _ti_dpo_loss(self, model, inputs, logits, labels, ref_logits):
+        """TI-DPO: attribution weights of the current policy, an anchor sampled from it, the loss (§3)."""
+        args: TokenWeightedDPOConfig = self.args
+        policy = self.accelerator.unwrap_model(model)
+        start = time.perf_counter()
+        weights = ti_dpo_token_weights(policy, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
+                                       lam=args.ti_lambda, sigma_div=args.prior_sigma_div, scope=args.importance_scope,
+                                       ignore_index=IGNORE_INDEX)[:, 1:]
+        attribution_seconds = time.perf_counter() - start
+        anchor = None
+        if args.gamma > 0:
+            tokenizer = self.processing_class
+            sampled = sample_anchors(policy, inputs["prompt_input_ids"], inputs["prompt_attention_mask"],
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     max_new_tokens=args.anchor_max_new_tokens, top_k=args.anchor_top_k,
+                                     top_p=args.anchor_top_p, temperature=args.anchor_temperature)
+            anchor_logits = model(input_ids=sampled["input_ids"], attention_mask=sampled["attention_mask"],
+                                  use_cache=False).logits[:, :-1]
+            anchor_labels = sampled["labels"][:, 1:]
+            ref_anchor = self.reference_logits(sampled["input_ids"], sampled["attention_mask"])[:, :-1]
+            anchor_ref_logps = token_logps(ref_anchor, anchor_labels, IGNORE_INDEX, backend=args.loss_backend)
+            anchor = TripletAnchor(anchor_logits, anchor_labels, ref_logps=anchor_ref_logps)
+        out = ti_dpo_loss(logits, ref_logits, labels, weights, beta=args.beta, alpha=args.alpha, gamma=args.gamma,
+                          triplet_margin=args.triplet_margin, anchor=anchor, kl_coef=args.kl_coef,
+                          ignore_index=IGNORE_INDEX, backend=args.loss_backend)
+        out.metrics["weights/entropy"] = weight_entropy(weights, labels != IGNORE_INDEX)
+        if logits.device.type == "cpu":
+            # Wall time is only meaningful where kernels run synchronously (CPU); on an accelerator it
+            # would need a host sync per step.
+            out.metrics["ti/attribution_seconds"] = torch.tensor(attribution_seconds)
+        return out
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = self.preference_loss(model, inputs)

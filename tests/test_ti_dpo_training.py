@@ -1,0 +1,145 @@
+"""TI-DPO in training: gradient attribution, mixing, anchors and the trainer's `ti_dpo` loss (METHODS.md §3)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tidpo.assets import gpt2_tokenizer, tiny_gpt2
+from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer
+from tidpo.trainer.anchors import sample_anchors
+from tidpo.trainer.config import TI_OFFICIAL_PRESET
+from tidpo.weights.attribution import ti_dpo_token_weights, token_importance, weight_entropy
+
+ROWS = [
+    {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a large city in Spain, I think."},
+    {"prompt": "Two plus two equals", "chosen": " four, of course.", "rejected": " five."},
+]
+
+
+def padded_batch():
+    tok = gpt2_tokenizer()
+    texts = ["The capital of France is Paris.", "Two plus two", "Water freezes at zero degrees Celsius, always."]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    return enc.input_ids, enc.attention_mask
+
+
+def reference_importance(model, ids):
+    """float64, one unpadded sequence at a time: || d max(logits[last]) / d e_i ||_1."""
+    model = model.double().eval()
+    embeds = model.get_input_embeddings()(ids[None]).detach().requires_grad_(True)
+    logits = model(inputs_embeds=embeds).logits[0, -1]
+    (grad,) = torch.autograd.grad(logits.max(), embeds)
+    return grad[0].abs().sum(-1)
+
+
+def test_attribution_equals_float64_autograd_reference():
+    ids, mask = padded_batch()
+    model = tiny_gpt2(seed=3)
+    got = token_importance(model, ids, mask)
+    reference = tiny_gpt2(seed=3)
+    for r in range(ids.shape[0]):
+        n = int(mask[r].sum())
+        truth = reference_importance(reference, ids[r, :n])
+        torch.testing.assert_close(got[r, :n].double(), truth, rtol=2e-4, atol=1e-6)
+        assert torch.all(got[r, n:] == 0)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_attribution_leaves_grads_and_mode_untouched(training):
+    ids, mask = padded_batch()
+    model = tiny_gpt2(seed=1).train(training)
+    params = list(model.parameters())
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, float(i))
+    token_importance(model, ids, mask)
+    assert model.training is training and all(m.training is training for m in model.modules())
+    for i, p in enumerate(params):
+        assert torch.equal(p.grad, torch.full_like(p, float(i)))
+
+
+def test_mixed_weights_properties():
+    ids, mask = padded_batch()
+    labels = ids.clone()
+    labels[:, :2] = -100
+    labels[mask == 0] = -100
+    model = tiny_gpt2(seed=2)
+    response = labels != -100
+    for scope in ("response", "sequence"):
+        w = ti_dpo_token_weights(model, ids, mask, labels, lam=0.7, sigma_div=4.0, scope=scope)
+        assert torch.all(w[~response] == 0) and torch.all(w[response] > 0)
+    w = ti_dpo_token_weights(model, ids, mask, labels, scope="response")
+    torch.testing.assert_close(w.sum(-1), response.sum(-1).float(), rtol=1e-5, atol=1e-5)  # mean 1
+    # lambda = 1: proportional to the raw importance over the response.
+    raw = token_importance(model, ids, mask)
+    w1 = ti_dpo_token_weights(model, ids, mask, labels, lam=1.0)
+    for r in range(ids.shape[0]):
+        sel = response[r]
+        torch.testing.assert_close(w1[r, sel], raw[r, sel] / raw[r, sel].sum() * sel.sum(), rtol=1e-5, atol=1e-6)
+    # lambda = 0: the Gaussian prior alone, peaked in the middle of the response.
+    w0 = ti_dpo_token_weights(model, ids, mask, labels, lam=0.0)
+    row = w0[2, response[2]]
+    assert int(row.argmax()) in ((row.numel() - 1) // 2, row.numel() // 2)
+    # Entropy of p = w / sum(w): uniform weights give log n per row, the maximum.
+    uniform = torch.where(response, 1.0, 0.0)
+    expected = response.sum(-1).double().log().mean()
+    assert float(weight_entropy(uniform, response)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(weight_entropy(w1, response)) <= float(expected) + 1e-6
+    with pytest.raises(ValueError, match="scope must be one of"):
+        ti_dpo_token_weights(model, ids, mask, labels, scope="prompt")
+
+
+def test_anchors_are_sampled_from_the_prompt_and_masked_after_eos():
+    tok = gpt2_tokenizer()
+    tok.padding_side = "left"
+    enc = tok(["Hello there, how", "A"], padding=True, return_tensors="pt")
+    model = tiny_gpt2(seed=0)
+    torch.manual_seed(0)
+    out = sample_anchors(model, enc.input_ids, enc.attention_mask, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, max_new_tokens=6)
+    p = enc.input_ids.shape[1]
+    assert torch.equal(out["input_ids"][:, :p], enc.input_ids)
+    assert torch.all(out["labels"][:, :p] == -100)
+    gen, lab = out["input_ids"][:, p:], out["labels"][:, p:]
+    for r in range(gen.shape[0]):
+        eos = (gen[r] == tok.eos_token_id).nonzero()
+        end = int(eos[0]) + 1 if len(eos) else gen.shape[1]
+        assert torch.equal(lab[r, :end], gen[r, :end]) and torch.all(lab[r, end:] == -100)
+        assert torch.equal(out["attention_mask"][r, p:], (lab[r] != -100).long())
+
+
+def config(tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path / "out"), use_cpu=True, per_device_train_batch_size=2, max_steps=3,
+                  learning_rate=5e-3, logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True, seed=0,
+                  loss="ti_dpo", anchor_max_new_tokens=6)
+    kwargs.update(overrides)
+    return TokenWeightedDPOConfig(**kwargs)
+
+
+def test_ti_dpo_training_steps_log_triplet_and_weights(tmp_path):
+    from tidpo.trainer.run import RunArguments, apply_lora
+
+    torch.manual_seed(0)
+    model = apply_lora(tiny_gpt2(), RunArguments(model="tiny-gpt2", lora_r=4, lora_alpha=8))
+    trainer = TokenWeightedDPOTrainer(model, config(tmp_path), train_dataset=ROWS, processing_class=gpt2_tokenizer())
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 3 and all(math.isfinite(h["loss"]) for h in logged)
+    for key in ("triplet/loss", "weights/entropy", "kl/chosen", "ti/attribution_seconds"):
+        assert key in logged[0] and math.isfinite(logged[0][key])
+    assert model.training  # the attribution and the sampling restored train mode
+
+
+def test_ti_preset_and_validation(tmp_path):
+    c = config(tmp_path, ti_preset="official")
+    assert {k: getattr(c, k) for k in TI_OFFICIAL_PRESET} == TI_OFFICIAL_PRESET
+    d = config(tmp_path)
+    assert (d.beta, d.gamma, d.ti_lambda, d.prior_sigma_div, d.importance_scope) == (0.1, 0.1, 0.7, 4.0, "response")
+    with pytest.raises(ValueError, match="ti_preset applies to loss='ti_dpo'"):
+        config(tmp_path, loss="dpo", ti_preset="official")
+    with pytest.raises(ValueError, match="ti_lambda must be in"):
+        config(tmp_path, ti_lambda=1.5)
+    with pytest.raises(ValueError, match="precompute_ref_logps cannot serve loss='ti_dpo'"):
+        config(tmp_path, precompute_ref_logps=True)
