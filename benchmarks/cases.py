@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmarks import eager
+from benchmarks.memory_cpu import dtype_str, to_dtype
 from benchmarks.shapes import ALL_OPS, HIDDEN, IGNORE_FRACTION, MODES, OPS, PROVIDERS, loss_layout
 
 IGNORE_INDEX = -100
@@ -122,24 +123,11 @@ LIGER_CE_NOTE = ("LigerCrossEntropyLoss(reduction='none'): writes the gradient i
 
 def bytes_moved(op: str, mode: str, tokens: int, vocab: int, dtype) -> int:
     """Bytes that must move for one call: ``BYTES_FACTOR[op][mode] * s * N * V``."""
-    return BYTES_FACTOR[op][mode] * torch.empty((), dtype=to_dtype(dtype)).element_size() * tokens * vocab
+    return BYTES_FACTOR[op][mode] * to_dtype(dtype).itemsize * tokens * vocab
 
 
 def bytes_formula(op: str, mode: str) -> str:
     return f"{BYTES_FACTOR[op][mode]}*s*N*V"
-
-
-def to_dtype(name) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"not a floating dtype: {name!r}")
-    return dtype
-
-
-def dtype_name(dtype) -> str:
-    return str(to_dtype(dtype)).removeprefix("torch.")
 
 
 def sync(device) -> None:
@@ -553,7 +541,7 @@ class GroupCache:
         self.compile_seconds: dict[str, float] = {}
 
     def inputs_for(self, op: str, tokens: int, vocab: int, dtype, device) -> dict:
-        key = (op, tokens, vocab, dtype_name(dtype), str(torch.device(device)))
+        key = (op, tokens, vocab, dtype_str(dtype), str(torch.device(device)))
         if key != self.key:
             self.clear()
             self.inputs = make_inputs(op, tokens, vocab, dtype, device)

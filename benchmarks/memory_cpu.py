@@ -174,7 +174,8 @@ def _reset_peak() -> bool:
     return True
 
 
-def _dtype(name):
+def to_dtype(name):
+    """A floating ``torch.dtype`` from a dtype or its name (``"bfloat16"``, ``"torch.float32"``)."""
     import torch
 
     if isinstance(name, torch.dtype):
@@ -185,8 +186,9 @@ def _dtype(name):
     return dtype
 
 
-def _dtype_name(dtype) -> str:
-    return str(_dtype(dtype)).removeprefix("torch.")
+def dtype_str(dtype) -> str:
+    """``"bfloat16"`` for ``torch.bfloat16`` or ``"bfloat16"``."""
+    return str(to_dtype(dtype)).removeprefix("torch.")
 
 
 # ------------------------------------------------------------------------------ the naive baselines
@@ -252,7 +254,7 @@ def _worker(provider: str, op: str, mode: str, tokens: int, vocab: int, dtype_na
 
     import tidpo  # noqa: F401  (import cost and module state before the baseline)
 
-    dtype = _dtype(dtype_name)
+    dtype = to_dtype(dtype_name)
     # 1. warm-up: same code path on a tiny input (lazy init of kernels, thread pool, autograd engine).
     warm = _make_inputs(op, 16, 64, dtype, seed=1)
     _run_op(provider, op, mode, warm, chunk_size=4)
@@ -294,7 +296,7 @@ def _cell_worker(spec: dict) -> dict:
     from benchmarks import cases
 
     op, mode, provider = spec["op"], spec["mode"], spec["provider"]
-    tokens, vocab, dtype_name = int(spec["tokens"]), int(spec["vocab"]), _dtype_name(spec["dtype"])
+    tokens, vocab, dtype_name = int(spec["tokens"]), int(spec["vocab"]), dtype_str(spec["dtype"])
     inputs = cases.make_inputs(op, tokens, vocab, dtype_name, "cpu")
     runner = cases.make_runner(op, provider, inputs)
     cases.warm_compile(runner, "cpu")  # compiles (compile provider), first-call initialisation
@@ -334,7 +336,7 @@ def measure_cell(op: str, mode: str, provider: str, tokens: int, vocab: int, dty
     ``input_bytes``, ...) plus ``subprocess_seconds``; raises ``RuntimeError`` when the worker fails.
     """
     spec = {"op": op, "mode": mode, "provider": provider, "tokens": int(tokens), "vocab": int(vocab),
-            "dtype": _dtype_name(dtype)}
+            "dtype": dtype_str(dtype)}
     cmd = [sys.executable, "-m", "benchmarks.memory_cpu", "--worker", "--cell", json.dumps(spec)]
     return _run_worker(cmd, mmap_threshold, timeout)
 
@@ -378,7 +380,7 @@ def measure(provider: str, op: str, mode: str, tokens: int, vocab: int, dtype="b
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     cmd = [sys.executable, "-m", "benchmarks.memory_cpu", "--worker", "--provider", provider, "--op", op,
-           "--mode", mode, "--tokens", str(tokens), "--vocab", str(vocab), "--dtype", _dtype_name(dtype)]
+           "--mode", mode, "--tokens", str(tokens), "--vocab", str(vocab), "--dtype", dtype_str(dtype)]
     if chunk_size is not None:
         cmd += ["--chunk-size", str(chunk_size)]
     return _run_worker(cmd, mmap_threshold, timeout)
@@ -411,16 +413,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         if args.provider is None or args.mode is None or args.op == "all":
             parser.error("--worker needs --provider, --mode and a single --op")
-        result = _worker(args.provider, args.op, args.mode, args.tokens, args.vocab, _dtype_name(args.dtype),
+        result = _worker(args.provider, args.op, args.mode, args.tokens, args.vocab, dtype_str(args.dtype),
                          args.chunk_size)
         print(json.dumps(result), flush=True)
         return 0
 
-    dtype_name = _dtype_name(args.dtype)
+    dtype_name = dtype_str(args.dtype)
     ops = OPS if args.op == "all" else (args.op,)
     n, v = args.tokens, args.vocab
     full = 4 * n * v
-    elem = _dtype(dtype_name).itemsize
+    elem = to_dtype(dtype_name).itemsize
     print(f"logits [{n}, {v}] {dtype_name}: {n * v * elem / MiB:.1f} MiB per logits tensor; "
           f"F = one fp32 [N, V] = {full / MiB:.1f} MiB; threads = default; MALLOC_MMAP_THRESHOLD_ = "
           f"{args.mmap_threshold or 'glibc default'}")

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from tidpo._model_state import eval_mode
 from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer
 from tidpo.trainer.run import RunArguments, apply_lora, load_model_and_tokenizer
 
@@ -66,12 +67,9 @@ def greedy_answer(model, tokenizer, prompt_messages: list[dict], max_new_tokens:
     ids = tokenizer.apply_chat_template(prompt_messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         out = model.generate(input_ids=ids["input_ids"].to(device), attention_mask=ids["attention_mask"].to(device),
                              max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tidpo._model_state import eval_mode
+
 IGNORE_INDEX = -100
 
 
@@ -21,15 +23,10 @@ def sample_anchors(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
         left-padded) and ``labels`` ``[B, P + G]``: the anchor tokens up to and including the first EOS,
         ``-100`` on the prompt and after the anchor ended (not shifted, like the collator's labels).
     """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=top_k,
-                                 top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
-                                 pad_token_id=pad_token_id, eos_token_id=eos_token_id)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=top_k,
+                             top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad_token_id, eos_token_id=eos_token_id)
     generated = out[:, prompt_ids.shape[1]:]
     keep = torch.ones_like(generated, dtype=torch.bool)
     if eos_token_id is not None:

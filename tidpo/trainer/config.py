@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from tidpo._validation import check_choice
+from tidpo.data.tokenization import TRUNCATION_MODES
+from tidpo.losses import KL_FORMS
+
 #: Losses the trainer computes, and what each needs from the reference model.
 #: ``"logps"``: per-token reference log-probs only (may be precomputed once);
 #: ``"logits"``: the full reference distribution every step (KL terms over the vocabulary);
@@ -30,8 +34,6 @@ LOSS_REFERENCE_NEEDS = {
 TI_OFFICIAL_PRESET = {"beta": 0.2, "gamma": 0.001, "triplet_margin": 0.001, "ti_lambda": 0.2,
                       "prior_sigma_div": 8.0, "importance_scope": "sequence"}
 LOSSES = tuple(LOSS_REFERENCE_NEEDS)
-TRUNCATION_MODES = ("keep_end", "keep_start")
-KL_FORMS = ("released", "paper_tdpo1", "paper_tdpo2")
 
 
 def _help(text: str) -> dict:
@@ -127,12 +129,12 @@ class TokenWeightedDPOConfig(TrainingArguments):
     def __post_init__(self):
         super().__post_init__()
         if self.ti_preset is not None:
-            _check_choice(self.ti_preset, "ti_preset", ("official",))
+            check_choice(self.ti_preset, "ti_preset", ("official",))
             if self.loss != "ti_dpo":
                 raise ValueError(f"ti_preset applies to loss='ti_dpo' only, got loss={self.loss!r}")
             for name, value in TI_OFFICIAL_PRESET.items():
                 setattr(self, name, value)
-        _check_choice(self.importance_scope, "importance_scope", ("response", "sequence"))
+        check_choice(self.importance_scope, "importance_scope", ("response", "sequence"))
         _check_number(self.gamma, "gamma", low=0.0)
         _check_number(self.triplet_margin, "triplet_margin", low=0.0)
         _check_number(self.ti_lambda, "ti_lambda", low=0.0, high=1.0 + 1e-12)
@@ -144,11 +146,11 @@ class TokenWeightedDPOConfig(TrainingArguments):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
                     or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        _check_choice(self.loss, "loss", LOSSES)
-        _check_choice(self.truncation_mode, "truncation_mode", TRUNCATION_MODES)
-        _check_choice(self.kl_form, "kl_form", KL_FORMS)
+        check_choice(self.loss, "loss", LOSSES)
+        check_choice(self.truncation_mode, "truncation_mode", TRUNCATION_MODES)
+        check_choice(self.kl_form, "kl_form", KL_FORMS)
         if self.loss_backend is not None:
-            _check_choice(self.loss_backend, "loss_backend", ("auto", "torch", "triton"))
+            check_choice(self.loss_backend, "loss_backend", ("auto", "torch", "triton"))
         _check_number(self.beta, "beta", low=0.0, low_open=True)
         _check_number(self.alpha, "alpha", low=0.0)
         _check_number(self.label_smoothing, "label_smoothing", low=0.0, high=0.5)
@@ -191,11 +193,6 @@ class TokenWeightedDPOConfig(TrainingArguments):
     def needs_weights(self) -> bool:
         """True when the loss needs per-token weights from the data."""
         return self.loss == "tis_dpo"
-
-
-def _check_choice(value, name: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
 def _check_number(value, name: str, *, low: float, high: float | None = None, low_open: bool = False) -> None:

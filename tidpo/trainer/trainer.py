@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from tidpo._model_state import eval_mode
 from tidpo.data import PreferenceCollator, PreferenceDataset, load_preference_rows, tokenize_preference_rows
 from tidpo.losses import TripletAnchor, dpo_loss, tdpo_loss, ti_dpo_loss, tis_dpo_loss
 from tidpo.ops import token_logps
@@ -135,15 +136,9 @@ class TokenWeightedDPOTrainer(Trainer):
         # The forward goes through ``self.model`` (the FSDP wrapper where there is one; under DDP the
         # Trainer keeps the bare model there, so no gradient hooks fire); the adapters are switched
         # off on the PEFT model inside any wrapper.
-        model = self.model
-        was_training = model.training
         # Eval mode: the reference must not see dropout; restored right after.
-        model.eval()
-        try:
-            with self.accelerator.unwrap_model(model).disable_adapter():
-                yield model
-        finally:
-            model.train(was_training)
+        with eval_mode(self.model), self.accelerator.unwrap_model(self.model).disable_adapter():
+            yield self.model
 
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Reference logits ``[2B, T, V]`` under ``no_grad``."""

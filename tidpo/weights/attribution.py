@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tidpo._model_state import eval_mode
 from tidpo.weights.ti import mix_importance
 
 SCOPES = ("response", "sequence")
@@ -37,19 +38,14 @@ def token_importance(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     # A value check reads the tensor: only on CPU (no host sync on an accelerator's training step).
     if input_ids.device.type == "cpu" and not bool((attention_mask.sum(-1) > 0).all()):
         raise ValueError("attention_mask has a row without any token")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
-            logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
-            # Index of the last attended position: the first position where the running count peaks.
-            last = attention_mask.long().cumsum(-1).argmax(-1)
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-            target = logits[rows, last].float().max(-1).values.sum()
-            (grad,) = torch.autograd.grad(target, embeds)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.enable_grad():
+        embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
+        logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+        # Index of the last attended position: the first position where the running count peaks.
+        last = attention_mask.long().cumsum(-1).argmax(-1)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        target = logits[rows, last].float().max(-1).values.sum()
+        (grad,) = torch.autograd.grad(target, embeds)
     return grad.float().abs().sum(-1) * attention_mask.to(torch.float32)
 
 

@@ -23,11 +23,11 @@ changes the prompt only; such a prompt is used whole, never truncated, because t
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from tidpo._model_state import eval_mode
 from tidpo.data import PreferenceCollator, tokenize_preference_rows
 from tidpo.ops import token_logps
 
@@ -162,20 +162,6 @@ def _device(model) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-@contextlib.contextmanager
-def _eval_mode(*models):
-    """Put the models in eval mode, restoring each one's training flag afterwards."""
-    unique = list({id(m): m for m in models}.values())
-    modes = [m.training for m in unique]
-    try:
-        for model in unique:
-            model.eval()
-        yield
-    finally:
-        for model, mode in zip(unique, modes, strict=True):
-            model.train(mode)
-
-
 # ----------------------------------------------------------------------------------------------------
 # the scorer
 # ----------------------------------------------------------------------------------------------------
@@ -268,7 +254,7 @@ class PairScorer:
         models = [model for model, _ in self.sides.values()]
         bar = _progress_bar(len(indices), self.progress)
         try:
-            with _eval_mode(*models):
+            with eval_mode(*models):
                 for start in range(0, len(indices), self.batch_size):
                     chunk = indices[start:start + self.batch_size]
                     logps = {side: self._logps(model, [items[i] for i in chunk], side)
