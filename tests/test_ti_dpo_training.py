@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tidpo.assets import gpt2_tokenizer, tiny_gpt2
+from tidpo.data import PreferenceCollator, tokenize_preference_rows
 from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer
-from tidpo.trainer.anchors import sample_anchors
+from tidpo.trainer.anchors import chosen_prefix_context, sample_anchors
 from tidpo.trainer.config import TI_OFFICIAL_PRESET
 from tidpo.weights.attribution import ti_dpo_token_weights, token_importance, weight_entropy
 
@@ -91,23 +92,100 @@ def test_mixed_weights_properties():
         ti_dpo_token_weights(model, ids, mask, labels, scope="prompt")
 
 
-def test_anchors_are_sampled_from_the_prompt_and_masked_after_eos():
+def left_padded_prompts():
     tok = gpt2_tokenizer()
     tok.padding_side = "left"
     enc = tok(["Hello there, how", "A"], padding=True, return_tensors="pt")
+    return tok, enc.input_ids, enc.attention_mask
+
+
+def test_anchors_are_sampled_from_the_prompt_and_masked_after_eos():
+    tok, ids, mask = left_padded_prompts()
     model = tiny_gpt2(seed=0)
     torch.manual_seed(0)
-    out = sample_anchors(model, enc.input_ids, enc.attention_mask, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, max_new_tokens=6)
-    p = enc.input_ids.shape[1]
-    assert torch.equal(out["input_ids"][:, :p], enc.input_ids)
-    assert torch.all(out["labels"][:, :p] == -100)
-    gen, lab = out["input_ids"][:, p:], out["labels"][:, p:]
-    for r in range(gen.shape[0]):
-        eos = (gen[r] == tok.eos_token_id).nonzero()
-        end = int(eos[0]) + 1 if len(eos) else gen.shape[1]
-        assert torch.equal(lab[r, :end], gen[r, :end]) and torch.all(lab[r, end:] == -100)
-        assert torch.equal(out["attention_mask"][r, p:], (lab[r] != -100).long())
+    out = sample_anchors(model, ids, mask, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                         max_new_tokens=6)
+    for r in range(ids.shape[0]):
+        prompt = ids[r][mask[r].bool()]
+        p = len(prompt)
+        # The collator's layout: the prompt starts at column 0, right padding after the anchor.
+        assert torch.equal(out["input_ids"][r, :p], prompt)
+        assert torch.all(out["labels"][r, :p] == -100)
+        n = int(out["attention_mask"][r].sum())
+        assert torch.all(out["attention_mask"][r, :n] == 1) and torch.all(out["attention_mask"][r, n:] == 0)
+        gen, lab = out["input_ids"][r, p:n], out["labels"][r, p:n]
+        assert len(gen) >= 1 and torch.equal(lab, gen) and torch.all(out["labels"][r, n:] == -100)
+        eos = (gen == tok.eos_token_id).nonzero()
+        # The anchor ends at its first EOS (kept) or after max_new_tokens.
+        assert (len(eos) == 1 and int(eos[0]) == len(gen) - 1) or (len(eos) == 0 and len(gen) == 6)
+    with pytest.raises(ValueError, match="prefix_lengths must be"):
+        sample_anchors(model, ids, mask, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                       max_new_tokens=2, prefix_lengths=torch.zeros(3, dtype=torch.long))
+
+
+def test_anchor_batch_scores_like_each_anchor_alone():
+    """Rows of different prompt lengths score exactly as unpadded (absolute positions: GPT-2)."""
+    tok, ids, mask = left_padded_prompts()
+    model = tiny_gpt2(seed=0).eval()
+    torch.manual_seed(1)
+    out = sample_anchors(model, ids, mask, pad_token_id=tok.pad_token_id, eos_token_id=None, max_new_tokens=5)
+    with torch.no_grad():
+        batch = model(input_ids=out["input_ids"], attention_mask=out["attention_mask"]).logits
+        for r in range(ids.shape[0]):
+            n = int(out["attention_mask"][r].sum())
+            alone = model(input_ids=out["input_ids"][r:r + 1, :n]).logits[0]
+            torch.testing.assert_close(batch[r, :n], alone, rtol=1e-5, atol=1e-5)
+
+
+def collated_pairs(fraction_rows=ROWS):
+    tok = gpt2_tokenizer()
+    items = tokenize_preference_rows(fraction_rows, tok, progress=False)
+    return tok, items, PreferenceCollator(tok.pad_token_id)([items[i] for i in range(len(items))])
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.5, 0.99])
+def test_chosen_prefix_context_is_prompt_plus_chosen_prefix(fraction):
+    tok, items, batch = collated_pairs()
+    context, context_mask, prefix = chosen_prefix_context(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], num_pairs=len(items), fraction=fraction,
+        pad_token_id=tok.pad_token_id)
+    assert context.shape[0] == len(items) and prefix.dtype == torch.long
+    for r, item in enumerate(items):
+        chosen = item["chosen_input_ids"]
+        k = math.floor(fraction * (len(chosen) - 1))
+        expected = item["prompt_input_ids"] + chosen[:k]
+        assert int(prefix[r]) == k
+        # Left padding: the context is the last len(expected) columns.
+        assert context[r, -len(expected):].tolist() == expected
+        assert int(context_mask[r].sum()) == len(expected) and torch.all(context_mask[r, -len(expected):] == 1)
+        assert torch.all(context[r, :context.shape[1] - len(expected)] == tok.pad_token_id)
+    if fraction == 0.0:
+        # Without a prefix the context is exactly the collator's left-padded prompt.
+        assert torch.equal(context, batch["prompt_input_ids"])
+    with pytest.raises(ValueError, match="fraction must be in"):
+        chosen_prefix_context(batch["input_ids"], batch["attention_mask"], batch["labels"], num_pairs=2,
+                              fraction=1.0, pad_token_id=0)
+    with pytest.raises(ValueError, match="num_pairs must be in"):
+        chosen_prefix_context(batch["input_ids"], batch["attention_mask"], batch["labels"], num_pairs=3,
+                              fraction=0.5, pad_token_id=0)
+
+
+def test_anchor_from_chosen_continues_the_chosen_prefix():
+    tok, items, batch = collated_pairs()
+    context, context_mask, prefix = chosen_prefix_context(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], num_pairs=len(items), fraction=0.6,
+        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    out = sample_anchors(tiny_gpt2(seed=0), context, context_mask, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id, max_new_tokens=4, prefix_lengths=prefix)
+    for r, item in enumerate(items):
+        k, p = int(prefix[r]), len(item["prompt_input_ids"])
+        assert k >= 1  # both chosen responses are long enough for a prefix at f = 0.6
+        assert out["input_ids"][r, :p].tolist() == item["prompt_input_ids"]
+        anchor = out["labels"][r][out["labels"][r] != -100]
+        # The anchor response = the chosen prefix, then 1..4 sampled tokens; the prompt is not in it.
+        assert anchor[:k].tolist() == item["chosen_input_ids"][:k] and 1 <= len(anchor) - k <= 4
+        assert torch.all(out["labels"][r, :p] == -100)
 
 
 def config(tmp_path, **overrides):
@@ -127,9 +205,23 @@ def test_ti_dpo_training_steps_log_triplet_and_weights(tmp_path):
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 3 and all(math.isfinite(h["loss"]) for h in logged)
-    for key in ("triplet/loss", "weights/entropy", "kl/chosen", "ti/attribution_seconds"):
+    for key in ("triplet/loss", "weights/entropy", "kl/chosen", "ti/attribution_seconds", "ti/step_seconds"):
         assert key in logged[0] and math.isfinite(logged[0][key])
+    assert all(0 < h["ti/attribution_share"] < 1 for h in logged)
+    assert all(h["ti/attribution_seconds"] < h["ti/step_seconds"] for h in logged)
     assert model.training  # the attribution and the sampling restored train mode
+
+
+def test_ti_dpo_training_with_anchors_continued_from_chosen(tmp_path):
+    from tidpo.trainer.run import RunArguments, apply_lora
+
+    torch.manual_seed(0)
+    model = apply_lora(tiny_gpt2(), RunArguments(model="tiny-gpt2", lora_r=4, lora_alpha=8))
+    args = config(tmp_path, max_steps=2, anchor_source="chosen", anchor_chosen_fraction=0.5)
+    trainer = TokenWeightedDPOTrainer(model, args, train_dataset=ROWS, processing_class=gpt2_tokenizer())
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(math.isfinite(h["loss"]) and math.isfinite(h["triplet/loss"]) for h in logged)
 
 
 def test_ti_preset_and_validation(tmp_path):
@@ -143,3 +235,8 @@ def test_ti_preset_and_validation(tmp_path):
         config(tmp_path, ti_lambda=1.5)
     with pytest.raises(ValueError, match="precompute_ref_logps cannot serve loss='ti_dpo'"):
         config(tmp_path, precompute_ref_logps=True)
+    with pytest.raises(ValueError, match="anchor_source must be one of"):
+        config(tmp_path, anchor_source="rejected")
+    with pytest.raises(ValueError, match="anchor_chosen_fraction must be in"):
+        config(tmp_path, anchor_source="chosen", anchor_chosen_fraction=1.0)
+    assert config(tmp_path, anchor_source="chosen", ti_preset="official").anchor_source == "prompt"

@@ -9,11 +9,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from tidpo._validation import check_choice
 from tidpo.data.tokenization import TRUNCATION_MODES
 from tidpo.losses import KL_FORMS
+from tidpo.trainer.anchors import ANCHOR_SOURCES
 
 #: Losses the trainer computes, and what each needs from the reference model.
 #: ``"logps"``: per-token reference log-probs only (may be precomputed once);
@@ -32,7 +34,7 @@ LOSS_REFERENCE_NEEDS = {
 #: TI-DPO hyper-parameters of the official code (config/loss/tidpo.yaml), applied by ``ti_preset="official"``;
 #: the field defaults are the paper's table (METHODS.md §3.5).
 TI_OFFICIAL_PRESET = {"beta": 0.2, "gamma": 0.001, "triplet_margin": 0.001, "ti_lambda": 0.2,
-                      "prior_sigma_div": 8.0, "importance_scope": "sequence"}
+                      "prior_sigma_div": 8.0, "importance_scope": "sequence", "anchor_source": "prompt"}
 LOSSES = tuple(LOSS_REFERENCE_NEEDS)
 
 
@@ -60,7 +62,9 @@ class TokenWeightedDPOConfig(TrainingArguments):
                                            ``ti_dpo`` (TI-DPO, §3: online attribution weights, anchors)
     ``gamma`` ... ``ti_preset``            TI-DPO: triplet weight 0.1 and margin 1e-3, λ 0.7, σ = n/4,
                                            response-scope importance, anchor sampling (top-k 50, top-p
-                                           0.95, T 0.8, 64 tokens); ``ti_preset="official"`` = the code's
+                                           0.95, T 0.8, 64 tokens) from the prompt (``anchor_source``;
+                                           ``chosen`` continues half the chosen response, the paper's
+                                           text); ``ti_preset="official"`` = the code's values
     ``beta``                    0.1        inverse temperature β of every loss (> 0)
     ``alpha``                   0.5        TDPO2 / token-level TIS-DPO KL weight α (≥ 0)
     ``label_smoothing``         0.0        conservative DPO ε in [0, 0.5) (``dpo`` only)
@@ -120,6 +124,12 @@ class TokenWeightedDPOConfig(TrainingArguments):
     anchor_top_k: int = field(default=50, metadata=_help("TI-DPO anchor sampling top_k"))
     anchor_top_p: float = field(default=0.95, metadata=_help("TI-DPO anchor sampling top_p"))
     anchor_temperature: float = field(default=0.8, metadata=_help("TI-DPO anchor sampling temperature"))
+    anchor_source: str = field(default="prompt", metadata=_help(
+        "TI-DPO anchor context: prompt (official code) | chosen (paper text: continue from the first "
+        "anchor_chosen_fraction of the chosen response)"))
+    anchor_chosen_fraction: float = field(default=0.5, metadata=_help(
+        "TI-DPO anchor_source=chosen: fraction f in [0, 1) of the chosen response kept as the context, "
+        "k = floor(f * (n - 1)) of its n tokens"))
     ti_preset: str | None = field(default=None, metadata=_help(
         "official: use the official TI-DPO code's values (beta 0.2, gamma 1e-3, triplet margin 1e-3, lambda 0.2, "
         "sigma = n/8, whole-sequence importance) instead of the paper's defaults; overrides those fields"))
@@ -128,6 +138,9 @@ class TokenWeightedDPOConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
+            # Pinned memory only helps host-to-accelerator copies; without one the DataLoader warns per run.
+            self.dataloader_pin_memory = False
         if self.ti_preset is not None:
             check_choice(self.ti_preset, "ti_preset", ("official",))
             if self.loss != "ti_dpo":
@@ -142,6 +155,8 @@ class TokenWeightedDPOConfig(TrainingArguments):
         _check_number(self.kl_coef, "kl_coef", low=0.0)
         _check_number(self.anchor_top_p, "anchor_top_p", low=0.0, low_open=True, high=1.0 + 1e-12)
         _check_number(self.anchor_temperature, "anchor_temperature", low=0.0, low_open=True)
+        check_choice(self.anchor_source, "anchor_source", ANCHOR_SOURCES)
+        _check_number(self.anchor_chosen_fraction, "anchor_chosen_fraction", low=0.0, high=1.0)
         for name in ("anchor_max_new_tokens", "anchor_top_k"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
                     or getattr(self, name) <= 0:

@@ -20,7 +20,7 @@ from tidpo._model_state import eval_mode
 from tidpo.data import PreferenceCollator, PreferenceDataset, load_preference_rows, tokenize_preference_rows
 from tidpo.losses import TripletAnchor, dpo_loss, tdpo_loss, ti_dpo_loss, tis_dpo_loss
 from tidpo.ops import token_logps
-from tidpo.trainer.anchors import sample_anchors
+from tidpo.trainer.anchors import chosen_prefix_context, sample_anchors
 from tidpo.trainer.config import TokenWeightedDPOConfig
 from tidpo.trainer.reference import precompute_reference_logps
 from tidpo.weights.attribution import ti_dpo_token_weights, weight_entropy
@@ -102,6 +102,7 @@ class TokenWeightedDPOTrainer(Trainer):
         # gradient-accumulation steps itself and never rescale it by token counts or world size.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+        self._attribution_seconds: float | None = None  # TI-DPO on CPU: set by the loss, read by training_step
         self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list),
                                                                      "eval": defaultdict(list)}
         self.ref_model = None
@@ -215,10 +216,16 @@ class TokenWeightedDPOTrainer(Trainer):
         anchor = None
         if args.gamma > 0:
             tokenizer = self.processing_class
-            sampled = sample_anchors(policy, inputs["prompt_input_ids"], inputs["prompt_attention_mask"],
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                                     max_new_tokens=args.anchor_max_new_tokens, top_k=args.anchor_top_k,
-                                     top_p=args.anchor_top_p, temperature=args.anchor_temperature)
+            context, context_mask, prefix = inputs["prompt_input_ids"], inputs["prompt_attention_mask"], None
+            if args.anchor_source == "chosen":
+                context, context_mask, prefix = chosen_prefix_context(
+                    inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
+                    num_pairs=inputs["input_ids"].shape[0] // 2, fraction=args.anchor_chosen_fraction,
+                    pad_token_id=tokenizer.pad_token_id, ignore_index=IGNORE_INDEX)
+            sampled = sample_anchors(policy, context, context_mask, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, max_new_tokens=args.anchor_max_new_tokens,
+                                     top_k=args.anchor_top_k, top_p=args.anchor_top_p,
+                                     temperature=args.anchor_temperature, prefix_lengths=prefix)
             anchor_logits = model(input_ids=sampled["input_ids"], attention_mask=sampled["attention_mask"],
                                   use_cache=False).logits[:, :-1]
             anchor_labels = sampled["labels"][:, 1:]
@@ -233,7 +240,24 @@ class TokenWeightedDPOTrainer(Trainer):
             # Wall time is only meaningful where kernels run synchronously (CPU); on an accelerator it
             # would need a host sync per step.
             out.metrics["ti/attribution_seconds"] = torch.tensor(attribution_seconds)
+            self._attribution_seconds = attribution_seconds
         return out
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step; for TI-DPO on CPU also logs ``ti/step_seconds`` and ``ti/attribution_share``.
+
+        The share is the attribution's wall time over the whole micro-step (forward, attribution, anchor
+        sampling and scoring, backward), measured only where it costs no device synchronisation (CPU).
+        """
+        self._attribution_seconds = None
+        start = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._attribution_seconds is not None:
+            seconds = time.perf_counter() - start
+            self._store_metrics({"ti/step_seconds": torch.tensor(seconds),
+                                 "ti/attribution_share": torch.tensor(self._attribution_seconds / seconds)},
+                                "train")
+        return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = self.preference_loss(model, inputs)

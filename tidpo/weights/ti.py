@@ -2,7 +2,9 @@
 
 Implements the prior/mix math of METHODS.md §3.1 (TI-DPO, Yang et al., arXiv 2505.19653v3, Eqs. 7–8,
 and the released ``gracefulning/TIDPO`` ``trainers.py::_compute_token_importance_weights``). The raw
-importance scores themselves (gradient L1 norms, Eqs. 5–6) are computed elsewhere.
+importance scores themselves (gradient L1 norms, Eqs. 5–6) are computed by
+:func:`tidpo.weights.attribution.token_importance`; it and :func:`~tidpo.weights.attribution.ti_dpo_token_weights`
+(attribution + mix) are also reachable here as ``tidpo.weights.ti.token_importance`` / ``ti_dpo_token_weights``.
 
 Conventions are those of :mod:`tidpo.weights.tis`: ``scores`` floating ``[R, T]``, ``mask`` **bool**
 ``[R, T]`` (True = valid token; integer masks are rejected, convert with ``mask.bool()``), everything per
@@ -22,6 +24,17 @@ import torch
 from tidpo.weights.tis import _check_mask, _check_real, _check_scores, _valid_values
 
 __all__ = ["gaussian_prior", "mix_importance", "normalize_importance"]
+
+_ATTRIBUTION_NAMES = ("token_importance", "ti_dpo_token_weights")
+
+
+def __getattr__(name: str):
+    # The attribution module imports this one (for the mix): resolve its names lazily, not at import.
+    if name in _ATTRIBUTION_NAMES:
+        from tidpo.weights import attribution
+
+        return getattr(attribution, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _check_sigma_div(sigma_div) -> float:
