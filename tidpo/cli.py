@@ -6,6 +6,8 @@ on pairs from a real dialog corpus, held-out margins and a generation before / a
 ``tidpo quickstart``: a one-second tour with a tiny byte-level model (:mod:`tidpo.demo`).
 ``tidpo train``: LoRA / full fine-tuning with a preference loss; see :mod:`tidpo.train_cli`
 (``tidpo train --help`` lists every flag).
+``tidpo experiment``: does token weighting work? Every method on a synthetic task with known key tokens
+(results table and plots); see :mod:`tidpo.experiment.runner`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,12 @@ def _export_pairs(args: argparse.Namespace) -> int:
     if args.heldout_out:
         print(f"wrote {len(held_out)} held-out pairs to {write_jsonl(held_out, args.heldout_out)}")
     return 0
+
+
+def _experiment(args: argparse.Namespace) -> int:
+    from tidpo.experiment.command import run_from_args
+
+    return run_from_args(args, args.experiment_parser)
 
 
 def _positive_int(text: str) -> int:
@@ -99,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     pairs.add_argument("--plain", action="store_true", help="plain-text rows instead of chat messages")
     pairs.add_argument("--seed", type=int, default=0, help="split and rejected-draw seed")
     pairs.set_defaults(func=_export_pairs)
+    from tidpo.experiment.command import add_arguments as add_experiment_arguments
+
+    experiment = sub.add_parser("experiment", formatter_class=fmt,
+                                help="does token weighting work? every method (SFT, DPO, TDPO2, TIS-DPO x 6 "
+                                     "weightings, TI-DPO ablations) on a synthetic task with known key tokens; "
+                                     "results table and plots (CPU, <= 20 min)")
+    add_experiment_arguments(experiment)
+    experiment.set_defaults(func=_experiment, experiment_parser=experiment)
     sub.add_parser("estimate-weights", add_help=False,
                    help="TIS-DPO token weights from a contrastive model pair; `--help` lists the flags")
     sub.add_parser("show-weights", add_help=False,
