@@ -92,6 +92,30 @@ def test_mixed_weights_properties():
         ti_dpo_token_weights(model, ids, mask, labels, scope="prompt")
 
 
+class _NeverCalled(torch.nn.Module):
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the uniform / random ablations must not run the model")
+
+
+def test_uniform_and_random_importance_ablations():
+    ids, mask = padded_batch()
+    labels = ids.clone()
+    labels[:, :2] = -100
+    labels[mask == 0] = -100
+    response = labels != -100
+    uniform = ti_dpo_token_weights(_NeverCalled(), ids, mask, labels, importance="uniform")
+    assert torch.equal(uniform, response.float())
+    draws = [ti_dpo_token_weights(_NeverCalled(), ids, mask, labels, importance="random",
+                                  generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1])  # reproducible from the generator
+    w = draws[0]
+    assert torch.all(w[~response] == 0) and torch.all(w[response] >= 0)
+    torch.testing.assert_close(w.sum(-1), response.sum(-1).float(), rtol=1e-5, atol=1e-5)  # mean 1
+    assert float(w[response].std()) > 0.05  # not constant
+    with pytest.raises(ValueError, match="importance must be one of"):
+        ti_dpo_token_weights(_NeverCalled(), ids, mask, labels, importance="softmax")
+
+
 def left_padded_prompts():
     tok = gpt2_tokenizer()
     tok.padding_side = "left"
@@ -212,6 +236,18 @@ def test_ti_dpo_training_steps_log_triplet_and_weights(tmp_path):
     assert model.training  # the attribution and the sampling restored train mode
 
 
+@pytest.mark.parametrize("importance", ["uniform", "random"])
+def test_ti_dpo_ablation_training_steps(tmp_path, importance):
+    torch.manual_seed(0)
+    model = tiny_gpt2()
+    trainer = TokenWeightedDPOTrainer(model, config(tmp_path, max_steps=2, ti_importance=importance, gamma=0.0),
+                                      train_dataset=ROWS, processing_class=gpt2_tokenizer(), ref_model=tiny_gpt2())
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 2 and all(math.isfinite(h["loss"]) for h in logged)
+    assert all(math.isfinite(h["weights/entropy"]) for h in logged)
+
+
 def test_ti_dpo_training_with_anchors_continued_from_chosen(tmp_path):
     from tidpo.trainer.run import RunArguments, apply_lora
 
@@ -235,6 +271,8 @@ def test_ti_preset_and_validation(tmp_path):
         config(tmp_path, ti_lambda=1.5)
     with pytest.raises(ValueError, match="precompute_ref_logps cannot serve loss='ti_dpo'"):
         config(tmp_path, precompute_ref_logps=True)
+    with pytest.raises(ValueError, match="ti_importance must be one of"):
+        config(tmp_path, ti_importance="softmax")
     with pytest.raises(ValueError, match="anchor_source must be one of"):
         config(tmp_path, anchor_source="rejected")
     with pytest.raises(ValueError, match="anchor_chosen_fraction must be in"):

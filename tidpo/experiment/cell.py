@@ -7,7 +7,8 @@ Pipeline (all training through :class:`~tidpo.trainer.TokenWeightedDPOTrainer`):
 2. the contrastive models the TIS-DPO weights need: SFT on the rejected responses (S), DPO (= the ``dpo``
    run) and DPO on the swapped pairs (D); scores and weights (:mod:`tidpo.experiment.weightings`);
 3. the preference runs: ``dpo``, ``tdpo2``, ``tis_dpo_*`` (six weightings), ``ti_dpo`` (full / no triplet /
-   no prior), all from the SFT model with the same data order, steps, learning rate, β and seed;
+   no prior / uniform / random weights), all from the SFT model with the same data order, steps, learning
+   rate, β and seed;
 4. metrics of each (:class:`~tidpo.experiment.evaluate.Evaluator`), reward curve, weight AUCs.
 """
 
@@ -39,7 +40,7 @@ from tidpo.trainer import TokenWeightedDPOConfig
 __all__ = ["run_cell"]
 
 _TI_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TokenWeightedDPOConfig)
-                if f.name in ("ti_lambda", "prior_sigma_div", "importance_scope")}
+                if f.name in ("ti_lambda", "prior_sigma_div", "importance_scope", "ti_importance")}
 
 
 def _swap(rows: list[dict]) -> list[dict]:
@@ -140,7 +141,7 @@ def run_cell(config, seed: int, noise: float, base_path: str | Path, work_dir: s
             continue
         knobs = {**_TI_DEFAULTS, **{k: v for k, v in overrides.items() if k in _TI_DEFAULTS}}
         attribution = {"lam": knobs["ti_lambda"], "sigma_div": knobs["prior_sigma_div"],
-                       "scope": knobs["importance_scope"]}
+                       "scope": knobs["importance_scope"], "importance": knobs["ti_importance"]}
         at_init = cell.evaluator.ti_weight_auc(sft, **attribution)
         policy, curve, stats = cell.train(sft, cell.rows, loss="ti_dpo", reference=reference, curve=True,
                                           **overrides)

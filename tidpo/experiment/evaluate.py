@@ -13,7 +13,8 @@
 - ``response_length`` (mean sampled words before EOS) and ``eos_rate`` (share of samples that ended with
   EOS): sanity checks of the samples.
 - **TI-DPO weight AUC**: ROC-AUC of :func:`tidpo.weights.attribution.ti_dpo_token_weights` (the run's λ, σ,
-  scope) on the held-out pairs, computed with a given policy, against ``task.key_labels`` (``decisive``: the
+  scope and importance: the uniform / random ablations are scored on the weights they train with) on the
+  held-out pairs, computed with a given policy, against ``task.key_labels`` (``decisive``: the
   words that support the preference, +1 words in the chosen and −1 words in the rejected response; ``key``:
   every ±1 word).
 """
@@ -145,12 +146,19 @@ class Evaluator:
                 "reward": float(samples["reward"].mean()), "kl": float(kl.mean()),
                 "response_length": float(words.float().mean()), "eos_rate": float(ended.float().mean())}
 
-    def ti_weight_auc(self, policy, *, lam: float, sigma_div: float, scope: str) -> dict:
-        """``{"decisive": AUC, "key": AUC}`` of TI-DPO attribution weights of ``policy`` on the held-out pairs."""
+    def ti_weight_auc(self, policy, *, lam: float, sigma_div: float, scope: str,
+                      importance: str = "gradient") -> dict:
+        """``{"decisive": AUC, "key": AUC}`` of the TI-DPO weights of ``policy`` on the held-out pairs.
+
+        ``importance`` is the run's ``ti_importance``: the uniform / random ablations are scored on the weights
+        they train with (random ones drawn from a generator seeded with the cell's seed).
+        """
         rows = []
+        generator = torch.Generator().manual_seed(self.seed)
         for batch in DataLoader(self.heldout, batch_size=_EVAL_BATCH, shuffle=False, collate_fn=self.collator):
             weights = ti_dpo_token_weights(policy, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                           lam=lam, sigma_div=sigma_div, scope=scope, ignore_index=IGNORE_INDEX)
+                                           lam=lam, sigma_div=sigma_div, scope=scope, ignore_index=IGNORE_INDEX,
+                                           importance=importance, generator=generator)
             response = batch["labels"] != IGNORE_INDEX
             half = weights.shape[0] // 2
             for i in range(half):

@@ -8,7 +8,7 @@ Presets (:data:`PRESETS`):
 - ``smoke``: the test suite's end-to-end run (tiny task and model, 1 seed, noise 0 and 0.4, every method,
   a few steps); < 1 minute on 2 cores. Its numbers mean nothing.
 - ``reduced`` (default): every method × 3 seeds × noise 0 / 0.2 / 0.4 on the default task
-  (4 topics, 40 words, 512 training / 128 held-out pairs); 11 minutes measured on 2 CPU cores (limit 20).
+  (4 topics, 40 words, 512 training / 128 held-out pairs); 7.6 minutes measured on 2 CPU cores (limit 20).
 - ``full``: 5 seeds, 1,024 training / 256 held-out pairs, more pretraining and preference steps, a wider
   model; estimated 1–2 hours on 2 cores (not measured, not run in CI).
 """
@@ -35,13 +35,15 @@ METHODS: tuple[str, ...] = (
     "ti_dpo",             # TI-DPO, paper defaults (gamma 0.1, lambda 0.7, sigma n/4)
     "ti_dpo_no_triplet",  # TI-DPO with gamma 0 (no anchor, no triplet term)
     "ti_dpo_no_prior",    # TI-DPO with lambda 1 (gradient importance only, no Gaussian prior)
+    "ti_dpo_uniform",     # TI-DPO with every token weight 1 (triplet term kept)
+    "ti_dpo_random",      # TI-DPO with U(0, 1) scores rescaled to mean 1 instead of the attribution
 )
 #: Short names used in tables and plots.
 METHOD_LABELS: dict[str, str] = {
     "sft": "SFT", "dpo": "DPO", "tdpo2": "TDPO2", "tis_dpo_p": "TIS-DPO(P)", "tis_dpo_s": "TIS-DPO(S)",
     "tis_dpo_d": "TIS-DPO(D)", "tis_dpo_oracle": "TIS-DPO(oracle)", "tis_dpo_uniform": "TIS-DPO(uniform)",
     "tis_dpo_random": "TIS-DPO(random)", "ti_dpo": "TI-DPO", "ti_dpo_no_triplet": "TI-DPO(no triplet)",
-    "ti_dpo_no_prior": "TI-DPO(no prior)",
+    "ti_dpo_no_prior": "TI-DPO(no prior)", "ti_dpo_uniform": "TI-DPO(uniform)", "ti_dpo_random": "TI-DPO(random)",
 }
 #: TIS-DPO method -> the weighting it trains on.
 TIS_WEIGHTINGS: dict[str, str] = {
@@ -53,6 +55,8 @@ TI_VARIANTS: dict[str, dict] = {
     "ti_dpo": {},
     "ti_dpo_no_triplet": {"gamma": 0.0},
     "ti_dpo_no_prior": {"ti_lambda": 1.0},
+    "ti_dpo_uniform": {"ti_importance": "uniform"},
+    "ti_dpo_random": {"ti_importance": "random"},
 }
 
 

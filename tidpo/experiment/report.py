@@ -2,8 +2,7 @@
 
 Tables: one per noise level, a row per method, mean ± sample std over seeds of each metric. Orderings: the
 papers' ablation claims checked on the data (TIS-DPO Table 2: random < uniform < estimated; TI-DPO Table 2:
-full > no triplet > uniform, with TDPO2 as TI-DPO's uniform-weight row, and full > no prior), on the seed
-means and seed by seed.
+full > no triplet > uniform > random, and full > no prior), on the seed means and seed by seed.
 """
 
 from __future__ import annotations
@@ -33,8 +32,9 @@ CLAIMS = (
     ("TIS-DPO Table 2, estimated = S", ["tis_dpo_random", "tis_dpo_uniform", "tis_dpo_s"]),
     ("TIS-DPO Table 2, estimated = D", ["tis_dpo_random", "tis_dpo_uniform", "tis_dpo_d"]),
     ("TIS-DPO, oracle weights", ["tis_dpo_random", "tis_dpo_uniform", "tis_dpo_oracle"]),
-    # TDPO2 is TI-DPO's loss with all-ones weights and no triplet term: its "uniform" row on the same base.
-    ("TI-DPO Table 2 (uniform = TDPO2)", ["tdpo2", "ti_dpo_no_triplet", "ti_dpo"]),
+    ("TI-DPO Table 2", ["ti_dpo_random", "ti_dpo_uniform", "ti_dpo_no_triplet", "ti_dpo"]),
+    # TDPO2 is TI-DPO's loss with all-ones weights and no triplet term.
+    ("TI-DPO vs its base loss", ["tdpo2", "ti_dpo"]),
     ("TI-DPO Table 2, prior", ["ti_dpo_no_prior", "ti_dpo"]),
     ("weighting vs DPO (TIS-DPO(D))", ["dpo", "tis_dpo_d"]),
     ("weighting vs DPO (TI-DPO)", ["dpo", "ti_dpo"]),
@@ -113,8 +113,9 @@ def _ordering_lines(runs: list[dict]) -> list[str]:
              "'gaps' are the differences between consecutive means, 'seeds' how many seeds show the whole "
              "ordering. In the TIS-DPO lines 'uniform' and 'random' are TIS-DPO runs (DPO loss with fixed "
              "all-ones / random [0.7, 1.3] token weights; like every TIS-DPO run they give the EOS weight 0, so "
-             "'uniform' is not plain DPO). In the TI-DPO line TDPO2 stands for TI-DPO with uniform weights: it is "
-             "TI-DPO's loss with all-ones weights and no triplet term; TI-DPO with random weights is not run.",
+             "'uniform' is not plain DPO). In the TI-DPO lines 'uniform' and 'random' are TI-DPO runs (its TDPO2-style "
+             "loss and triplet term) with all-ones weights / U(0, 1) scores rescaled to mean 1 instead of the "
+             "gradient attribution; TDPO2 is TI-DPO's loss with all-ones weights and no triplet term.",
              ""]
     checks = orderings(runs)
     if not checks:
@@ -153,8 +154,8 @@ def _summary_lines(results: dict) -> list[str]:
               "prompts; *KL(π‖ref)* = Monte-Carlo KL on those samples; *weight AUC* = ROC-AUC of the token "
               "weights against the key tokens — *decisive*: words that support the stated preference (+1 "
               "words of the chosen, −1 words of the rejected response), *key*: every ±1 word (TIS-DPO: the "
-              "training weights; TI-DPO: attribution weights of the final policy on the held-out pairs, "
-              "'at init' with the SFT model).", ""]
+              "training weights; TI-DPO: the weights of the final policy on the held-out pairs — gradient "
+              "attribution, or the uniform / random ablation's — and 'at init' with the SFT model).", ""]
     base = defaultdict(list)
     for cell in results["cells"]:
         base[cell["noise"]].append(cell["base"]["reward"])

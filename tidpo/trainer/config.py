@@ -16,6 +16,7 @@ from tidpo._validation import check_choice
 from tidpo.data.tokenization import TRUNCATION_MODES
 from tidpo.losses import KL_FORMS
 from tidpo.trainer.anchors import ANCHOR_SOURCES
+from tidpo.weights.attribution import IMPORTANCES, SCOPES
 
 #: Losses the trainer computes, and what each needs from the reference model.
 #: ``"logps"``: per-token reference log-probs only (may be precomputed once);
@@ -116,6 +117,9 @@ class TokenWeightedDPOConfig(TrainingArguments):
         "TI-DPO mix lambda of gradient importance vs the Gaussian prior (paper 0.7, official code 0.2)"))
     prior_sigma_div: float = field(default=4.0, metadata=_help(
         "TI-DPO prior width: sigma = n / prior_sigma_div (paper 4, official code 8)"))
+    ti_importance: str = field(default="gradient", metadata=_help(
+        "TI-DPO token importance: gradient (the method) | uniform (all weights 1) | random (U(0,1) scores "
+        "rescaled to mean 1): the paper's Table 2 ablations; uniform and random skip the attribution"))
     importance_scope: str = field(default="response", metadata=_help(
         "TI-DPO weights over the response tokens (paper) | over the whole sequence (official code: sequence)"))
     kl_coef: float = field(default=0.0, metadata=_help(
@@ -147,7 +151,8 @@ class TokenWeightedDPOConfig(TrainingArguments):
                 raise ValueError(f"ti_preset applies to loss='ti_dpo' only, got loss={self.loss!r}")
             for name, value in TI_OFFICIAL_PRESET.items():
                 setattr(self, name, value)
-        check_choice(self.importance_scope, "importance_scope", ("response", "sequence"))
+        check_choice(self.importance_scope, "importance_scope", SCOPES)
+        check_choice(self.ti_importance, "ti_importance", IMPORTANCES)
         _check_number(self.gamma, "gamma", low=0.0)
         _check_number(self.triplet_margin, "triplet_margin", low=0.0)
         _check_number(self.ti_lambda, "ti_lambda", low=0.0, high=1.0 + 1e-12)

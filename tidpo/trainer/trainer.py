@@ -211,7 +211,7 @@ class TokenWeightedDPOTrainer(Trainer):
         start = time.perf_counter()
         weights = ti_dpo_token_weights(policy, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
                                        lam=args.ti_lambda, sigma_div=args.prior_sigma_div, scope=args.importance_scope,
-                                       ignore_index=IGNORE_INDEX)[:, 1:]
+                                       ignore_index=IGNORE_INDEX, importance=args.ti_importance)[:, 1:]
         attribution_seconds = time.perf_counter() - start
         anchor = None
         if args.gamma > 0:

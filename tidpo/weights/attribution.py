@@ -19,6 +19,8 @@ from tidpo._model_state import eval_mode
 from tidpo.weights.ti import mix_importance
 
 SCOPES = ("response", "sequence")
+#: Where the raw importance comes from: the method, and the paper's uniform / random ablations.
+IMPORTANCES = ("gradient", "uniform", "random")
 
 
 def token_importance(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -51,19 +53,36 @@ def token_importance(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 def ti_dpo_token_weights(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          labels: torch.Tensor, *, lam: float = 0.7, sigma_div: float = 4.0,
-                         scope: str = "response", ignore_index: int = -100) -> torch.Tensor:
+                         scope: str = "response", ignore_index: int = -100, importance: str = "gradient",
+                         generator: torch.Generator | None = None) -> torch.Tensor:
     """TI-DPO token weights ``[R, T]`` aligned with the (unshifted) ``labels``; 0 outside the responses.
 
     ``scope="response"`` (the paper: weights per response): normalisation, prior and mean-1 rescale
     over the response tokens (``labels != ignore_index``). ``scope="sequence"`` (the official code):
     over the whole attended sequence, prompt included, then read at the response positions.
+
+    ``importance`` selects the TI-DPO paper's Table 2 ablations: ``"gradient"`` (the method: attribution of
+    ``model``, then the λ-mix with the prior), ``"uniform"`` (every response token weight 1: no attribution,
+    no prior) or ``"random"`` (``U(0, 1)`` scores from ``generator``, normalised and rescaled to mean 1 over
+    the span like the attribution, without the prior). The last two never run the model.
     """
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {', '.join(map(repr, SCOPES))}; got {scope!r}")
-    scores = token_importance(model, input_ids, attention_mask)
+    if importance not in IMPORTANCES:
+        raise ValueError(f"importance must be one of {', '.join(map(repr, IMPORTANCES))}; got {importance!r}")
     response = labels != ignore_index
     span = response if scope == "response" else attention_mask.bool()
-    weights = mix_importance(scores, span, lam=lam, sigma_div=sigma_div)
+    if importance == "uniform":
+        return response.to(torch.float32)
+    if importance == "random":
+        if generator is None:
+            scores = torch.rand(labels.shape, device=labels.device)
+        else:
+            scores = torch.rand(labels.shape, generator=generator, device=generator.device).to(labels.device)
+        weights = mix_importance(scores, span, lam=1.0, sigma_div=sigma_div)
+    else:
+        scores = token_importance(model, input_ids, attention_mask)
+        weights = mix_importance(scores, span, lam=lam, sigma_div=sigma_div)
     return torch.where(response, weights, torch.zeros_like(weights)).detach()
 
 
