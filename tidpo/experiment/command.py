@@ -20,34 +20,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the experiment's flags to ``parser`` (also used by the ``tidpo experiment`` subcommand)."""
     parser.add_argument("--preset", choices=tuple(PRESETS), default="reduced",
                         help="smoke: < 1 min, for tests; reduced: every method x 3 seeds x noise 0/0.2/0.4, "
-                             "<= 20 min on 2 cores (11 min measured); full: 5 seeds, more data and steps "
+                             "<= 20 min on 2 cores (7.6 min measured); full: 5 seeds, more data and steps "
                              "(not measured; estimated 1-2 h on 2 cores)")
     parser.add_argument("--output-dir", default="runs/experiment",
                         help="results.json, results.md, reward_vs_step.png, weight_auc.png go here")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the preset's)")
-    parser.add_argument("--noise", type=float, nargs="+", default=None,
+    parser.add_argument("--seeds", type=int, nargs="+", default=argparse.SUPPRESS, help="seeds (default: the preset's)")
+    parser.add_argument("--noise", type=float, nargs="+", default=argparse.SUPPRESS,
                         help="label-noise levels in [0, 0.5) (default: the preset's)")
-    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+    parser.add_argument("--methods", nargs="+", default=argparse.SUPPRESS, metavar="METHOD",
                         help=f"run only these methods (default: all): {', '.join(METHODS)}")
-    parser.add_argument("--steps", type=int, default=None, help="steps of every preference run")
-    parser.add_argument("--sft-steps", type=int, default=None, help="SFT steps")
-    parser.add_argument("--pretrain-steps", type=int, default=None, help="base-model pretraining steps")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate of every preference run")
-    parser.add_argument("--beta", type=float, default=None, help="beta of every preference loss")
-    parser.add_argument("--batch-size", type=int, default=None, help="pairs per step")
-    parser.add_argument("--eval-every", type=int, default=None, help="reward curve: every N steps")
-    parser.add_argument("--num-train", type=int, default=None, help="training pairs")
-    parser.add_argument("--num-heldout", type=int, default=None, help="held-out pairs")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default 2)")
+    parser.add_argument("--steps", type=int, default=argparse.SUPPRESS,
+                        help="steps of every preference run (default: the preset's)")
+    parser.add_argument("--sft-steps", type=int, default=argparse.SUPPRESS,
+                        help="SFT steps (default: the preset's)")
+    parser.add_argument("--pretrain-steps", type=int, default=argparse.SUPPRESS,
+                        help="base-model pretraining steps (default: the preset's)")
+    parser.add_argument("--lr", type=float, default=argparse.SUPPRESS,
+                        help="learning rate of every preference run (default: the preset's)")
+    parser.add_argument("--beta", type=float, default=argparse.SUPPRESS,
+                        help="beta of every preference loss (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
+                        help="pairs per step (default: the preset's)")
+    parser.add_argument("--eval-every", type=int, default=argparse.SUPPRESS,
+                        help="reward curve: every N steps (default: the preset's)")
+    parser.add_argument("--num-train", type=int, default=argparse.SUPPRESS,
+                        help="training pairs (default: the preset's)")
+    parser.add_argument("--num-heldout", type=int, default=argparse.SUPPRESS,
+                        help="held-out pairs (default: the preset's)")
+    parser.add_argument("--workers", type=int, default=argparse.SUPPRESS, help="worker processes (default: 2)")
     return parser
 
 
 def config_from_args(args: argparse.Namespace):
     """The :class:`~tidpo.experiment.presets.ExperimentConfig`; ``ValueError`` naming the flag on bad input."""
-    overrides = {"seeds": args.seeds, "noise_levels": args.noise, "methods": args.methods, "steps": args.steps,
-                 "sft_steps": args.sft_steps, "pretrain_steps": args.pretrain_steps, "lr": args.lr,
-                 "beta": args.beta, "batch_size": args.batch_size, "eval_every": args.eval_every,
-                 "num_train": args.num_train, "num_heldout": args.num_heldout, "workers": args.workers}
+    names = {"seeds": "seeds", "noise_levels": "noise", "methods": "methods", "steps": "steps",
+             "sft_steps": "sft_steps", "pretrain_steps": "pretrain_steps", "lr": "lr", "beta": "beta",
+             "batch_size": "batch_size", "eval_every": "eval_every", "num_train": "num_train",
+             "num_heldout": "num_heldout", "workers": "workers"}
+    # Flags not given are absent from args (argparse.SUPPRESS): the preset's value applies.
+    overrides = {field: getattr(args, name, None) for field, name in names.items()}
     try:
         return make_config(args.preset, **overrides)
     except ValueError as error:
