@@ -36,15 +36,12 @@ from tidpo.experiment.weightings import (
     with_weights,
 )
 from tidpo.trainer import TokenWeightedDPOConfig
+from tidpo.trainer.run import swap_chosen_rejected
 
 __all__ = ["run_cell"]
 
 _TI_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TokenWeightedDPOConfig)
                 if f.name in ("ti_lambda", "prior_sigma_div", "importance_scope", "ti_importance")}
-
-
-def _swap(rows: list[dict]) -> list[dict]:
-    return [{"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]} for r in rows]
 
 
 class _Cell:
@@ -109,8 +106,9 @@ def run_cell(config, seed: int, noise: float, base_path: str | Path, work_dir: s
         cell.record("sft", sft, cell.base, curve, stats)
     reference = clone_model(sft, frozen=True)
     models = {}
+    swapped = [swap_chosen_rejected(row) for row in cell.rows]  # the negative models of the S / D pairs
     if "S" in need:
-        models["sft_rejected"], _, stats = cell.train(cell.base, _swap(cell.rows), loss="sft")
+        models["sft_rejected"], _, stats = cell.train(cell.base, swapped, loss="sft")
         cell.helper("sft_rejected", stats)
     if "D" in need or "dpo" in methods:
         models["dpo"], curve, stats = cell.train(sft, cell.rows, loss="dpo", reference=reference,
@@ -120,7 +118,7 @@ def run_cell(config, seed: int, noise: float, base_path: str | Path, work_dir: s
         else:
             cell.helper("dpo", stats)
     if "D" in need:
-        models["dpo_swapped"], _, stats = cell.train(sft, _swap(cell.rows), loss="dpo", reference=reference)
+        models["dpo_swapped"], _, stats = cell.train(sft, swapped, loss="dpo", reference=reference)
         cell.helper("dpo_swapped", stats)
 
     weights, summaries = _weightings(cell, need, sft, models)

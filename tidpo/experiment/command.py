@@ -53,12 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace):
     """The :class:`~tidpo.experiment.presets.ExperimentConfig`; ``ValueError`` naming the flag on bad input."""
-    names = {"seeds": "seeds", "noise_levels": "noise", "methods": "methods", "steps": "steps",
-             "sft_steps": "sft_steps", "pretrain_steps": "pretrain_steps", "lr": "lr", "beta": "beta",
-             "batch_size": "batch_size", "eval_every": "eval_every", "num_train": "num_train",
-             "num_heldout": "num_heldout", "workers": "workers"}
     # Flags not given are absent from args (argparse.SUPPRESS): the preset's value applies.
-    overrides = {field: getattr(args, name, None) for field, name in names.items()}
+    overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_"), None) for field, flag in _FLAGS.items()}
     try:
         return make_config(args.preset, **overrides)
     except ValueError as error:

@@ -24,11 +24,13 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
+from tidpo._model_state import eval_mode
 from tidpo.data import PreferenceCollator
 from tidpo.experiment.metrics import weight_auc
 from tidpo.experiment.models import IGNORE_INDEX
 from tidpo.experiment.training import tokenize_rows
 from tidpo.ops import token_logps
+from tidpo.trainer.anchors import through_first_eos
 from tidpo.weights.attribution import ti_dpo_token_weights
 
 __all__ = ["LABEL_MODES", "Evaluator"]
@@ -54,18 +56,10 @@ class Evaluator:
         self.heldout = tokenize_rows(rows, tokenizer)
         self.collator = PreferenceCollator(self.pad_id, ignore_index=IGNORE_INDEX)
         self.key_labels = {mode: task.key_labels(task.heldout_rows, mode=mode) for mode in LABEL_MODES}
-        self.prompt_ids, self.prompt_mask = self._left_pad([row["prompt"] for row in rows])
+        # The held-out prompts, LEFT-padded for generation: the collator's prompt_input_ids of every pair.
+        prompts = self.collator([self.heldout[i] for i in range(len(self.heldout))])
+        self.prompt_ids, self.prompt_mask = prompts["prompt_input_ids"], prompts["prompt_attention_mask"]
         self.topics = task.topic_ids(self.prompt_ids)
-
-    def _left_pad(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        encoded = self.task.tokenizer(prompts, add_special_tokens=True)["input_ids"]
-        width = max(len(ids) for ids in encoded)
-        ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for i, row in enumerate(encoded):
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-        return ids, mask
 
     # -- sampling --------------------------------------------------------------------------------------
 
@@ -80,20 +74,14 @@ class Evaluator:
         prompt_ids = self.prompt_ids[:count].repeat_interleave(repeats, 0)
         prompt_mask = self.prompt_mask[:count].repeat_interleave(repeats, 0)
         topics = self.topics[:count].repeat_interleave(repeats, 0)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.random.fork_rng():
-                torch.manual_seed(seed)
-                out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-                                     temperature=1.0, top_k=0, top_p=1.0,
-                                     max_new_tokens=self.config.max_response_length + 1,
-                                     pad_token_id=self.pad_id, eos_token_id=self.eos_id)
-        finally:
-            model.train(was_training)
+        with eval_mode(model), torch.random.fork_rng():
+            torch.manual_seed(seed)
+            out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0,
+                                 max_new_tokens=self.config.max_response_length + 1,
+                                 pad_token_id=self.pad_id, eos_token_id=self.eos_id)
         response = out[:, prompt_ids.shape[1]:]
-        is_eos = (response == self.eos_id).long()
-        mask = (is_eos.cumsum(-1) - is_eos) == 0  # up to and including the first EOS
+        mask = through_first_eos(response, self.eos_id)
         reward = self.task.rewards_of_ids(topics, response, mask)
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response_ids": response,
                 "response_mask": mask, "reward": reward}

@@ -98,7 +98,7 @@ def pretrain_base(task, config, *, seed: int, progress=None) -> tuple[LlamaForCa
         scheduler.step()
         losses.append(float(loss))
         if progress is not None and (step + 1) % max(1, config.pretrain_steps // 4) == 0:
-            progress(f"pretraining seed {seed}: step {step + 1}/{config.pretrain_steps}, loss {loss.item():.3f}")
+            progress(f"pretraining seed {seed}: step {step + 1}/{config.pretrain_steps}, loss {losses[-1]:.3f}")
     model.eval()
     tenth = max(1, len(losses) // 10)
     stats = {"seconds": time.perf_counter() - start, "first_loss": sum(losses[:tenth]) / tenth,

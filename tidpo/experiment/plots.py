@@ -76,7 +76,8 @@ def plot_weight_auc(runs: list[dict], path: str | Path) -> Path:
     """Bars of the weight ROC-AUC per weighting method and noise level (mean ± std over seeds).
 
     Top: ``decisive`` labels, bottom: ``key`` labels; TIS-DPO bars are the training weights, TI-DPO bars the
-    final policy's attribution weights on the held-out pairs. The dashed line is chance (0.5).
+    final policy's weights on the held-out pairs (attribution, or the uniform / random ablation's). The dashed
+    line is chance (0.5).
     """
     plt = _pyplot()
     methods = [m for m in (*TIS_WEIGHTINGS, *TI_VARIANTS) if any(r["method"] == m for r in runs)]

@@ -64,6 +64,15 @@ def chosen_prefix_context(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return context, valid.to(attention_mask.dtype), prefix
 
 
+def through_first_eos(generated: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Bool ``[B, G]``: True up to and including each row's first ``eos_token_id`` (all True without one).
+
+    The tokens ``generate()`` appends after a row's first EOS are padding; the EOS itself belongs to the response.
+    """
+    is_eos = (generated == eos_token_id).long()
+    return is_eos.cumsum(-1) - is_eos == 0
+
+
 def sample_anchors(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, pad_token_id: int,
                    eos_token_id: int | None, max_new_tokens: int = 64, top_k: int = 50, top_p: float = 0.95,
                    temperature: float = 0.8, prefix_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -93,9 +102,7 @@ def sample_anchors(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
     generated = out[:, width:]
     keep = torch.ones_like(generated, dtype=torch.bool)
     if eos_token_id is not None:
-        # Tokens after the first EOS are padding from generate(); the EOS itself belongs to the anchor.
-        is_eos = (generated == eos_token_id).long()
-        keep = is_eos.cumsum(-1) - is_eos == 0
+        keep = through_first_eos(generated, eos_token_id)
     in_prefix = torch.zeros_like(prompt_ids, dtype=torch.bool)
     if prefix_lengths is not None:
         if prefix_lengths.shape != prompt_ids.shape[:1]:
