@@ -1,7 +1,7 @@
-"""Worker for tests/test_trainer_ddp.py: a few LoRA DPO steps, run alone or under ``torchrun``.
+"""Worker for tests/test_trainer_ddp.py: a few LoRA steps of a loss, run alone or under ``torchrun``.
 
-Usage: ``python tests/ddp_train_worker.py OUT_DIR PER_DEVICE_PAIRS STEPS``. Every process writes its
-LoRA weights to ``OUT_DIR/lora-rank{RANK}.pt``.
+Usage: ``python tests/ddp_train_worker.py OUT_DIR PER_DEVICE_PAIRS STEPS [LOSS]`` (LOSS: dpo, the default, or
+sft). Every process writes its LoRA weights to ``OUT_DIR/lora-rank{RANK}.pt``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ROWS = [
 ]
 
 
-def main(out_dir: str, per_device_pairs: int, steps: int) -> None:
+def main(out_dir: str, per_device_pairs: int, steps: int, loss: str = "dpo") -> None:
     torch.manual_seed(0)
     model = apply_lora(tiny_gpt2(seed=0), RunArguments(model="tiny-gpt2", lora_r=4, lora_alpha=8))
     # gloo only when launched by torchrun (accelerate refuses a backend without a process group).
@@ -30,7 +30,7 @@ def main(out_dir: str, per_device_pairs: int, steps: int) -> None:
     config = TokenWeightedDPOConfig(
         output_dir=out_dir, use_cpu=True, ddp_backend=backend, per_device_train_batch_size=per_device_pairs,
         max_steps=steps, learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-        report_to=[], disable_tqdm=True, seed=0, loss="dpo", beta=0.5)
+        report_to=[], disable_tqdm=True, seed=0, loss=loss, **({"beta": 0.5} if loss == "dpo" else {}))
     trainer = TokenWeightedDPOTrainer(model, config, train_dataset=ROWS, processing_class=gpt2_tokenizer())
     trainer.train()
     lora = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
@@ -40,4 +40,4 @@ def main(out_dir: str, per_device_pairs: int, steps: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])

@@ -390,6 +390,8 @@ class _DictChatTokenizer:
 
     def apply_chat_template(self, messages, **kwargs):
         kwargs.pop("return_dict", None)
+        if kwargs.get("tokenize") is False:  # rendering to text returns the text, as in transformers
+            return self._tok.apply_chat_template(messages, **kwargs)
         return dict(self._tok.apply_chat_template(messages, return_dict=True, **kwargs))
 
 
@@ -520,3 +522,59 @@ def test_collator_errors(tok):
         collator([dict(plain, chosen_input_ids=[])])
     with pytest.raises(ValueError, match="item 0 has no 'row' column"):
         collator([{"prompt_input_ids": [1], "chosen_input_ids": [2], "rejected_input_ids": [3]}])
+
+
+# ----------------------------------------------------------------------------------------------------
+# special tokens already in the text are not doubled
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bos_tok(tok):
+    """GPT-2 with a distinct BOS ``<s>`` that the tokenizer adds in front of every text, as Llama's does, and
+    an end-of-turn special token ``<|eot|>``."""
+    from tokenizers.processors import TemplateProcessing
+
+    t = copy.deepcopy(tok)
+    t.add_special_tokens({"bos_token": "<s>", "additional_special_tokens": ["<|eot|>"]})
+    t._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", t.bos_token_id)])
+    return t
+
+
+def test_plain_rows_do_not_double_bos_or_eos(bos_tok):
+    bos = bos_tok.bos_token_id
+    assert bos_tok("Hello world").input_ids == [bos, *HELLO_WORLD]  # the tokenizer adds a BOS itself
+    rows = [pair(prompt="<s>Hello world", chosen=" yes<|endoftext|>", rejected=" no way<|endoftext|>  "),
+            pair(prompt="Hello world")]
+    data = tokenize_preference_rows(rows, bos_tok, progress=False)
+    assert data[0]["prompt_input_ids"] == [bos, *HELLO_WORLD] == data[1]["prompt_input_ids"]
+    assert data[0]["chosen_input_ids"] == ids(bos_tok, " yes") + [EOS] == data[1]["chosen_input_ids"]
+    # Trailing whitespace after the EOS text is text of the reply, tokenised as such (no second EOS either).
+    assert data[0]["rejected_input_ids"] == ids(bos_tok, " no way<|endoftext|>  ") + [EOS]
+    # Weights still cover every response token but the (single) EOS.
+    weighted = tokenize_preference_rows([{**rows[0], "chosen_weights": [0.5], "rejected_weights": [1.0] * 5}],
+                                        bos_tok, progress=False)
+    assert weighted[0]["chosen_weights"] == [0.5, 0.0]
+
+
+@pytest.mark.parametrize("terminator", ["eos_token", "'<|eot|>'"])
+def test_chat_rows_do_not_double_the_turn_terminator_or_bos(bos_tok, terminator):
+    chat = copy.deepcopy(bos_tok)
+    chat.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                          "{% if m['role'] == 'assistant' %}{{ " + terminator + " }}{% endif %}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    end = chat.eos_token if terminator == "eos_token" else "<|eot|>"
+    prompt = [{"role": "user", "content": "Hi"}]
+
+    def rendered(reply: str) -> list[int]:  # the template applied to the clean reply, by the tokenizer itself
+        full = chat.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=False)
+        head = chat.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        return chat(full[len(head):], add_special_tokens=False).input_ids
+
+    row = {"prompt": prompt, "chosen": [{"role": "assistant", "content": f"Yes{end}"}],
+           "rejected": [{"role": "assistant", "content": f"No {end} "}]}
+    item = tokenize_preference_rows([row], chat, progress=False)[0]
+    assert item["prompt_input_ids"][:2] == [chat.bos_token_id, chat("<|user|>", add_special_tokens=False).input_ids[0]]
+    assert item["chosen_input_ids"] == rendered("Yes")
+    assert item["rejected_input_ids"] == rendered("No ")  # the terminator and what follows it go, nothing else
+    assert item["chosen_input_ids"].count(chat.convert_tokens_to_ids(end)) == 1

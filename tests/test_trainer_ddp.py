@@ -32,14 +32,17 @@ def _run(cmd: list[str]) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_match_single_process(tmp_path):
+@pytest.mark.parametrize("loss", ["dpo", "sft"])
+def test_ddp_two_ranks_match_single_process(tmp_path, loss):
+    """DPO: a mean over pairs. SFT: a mean over the response tokens of the global batch — the two ranks hold
+    responses of 3 and 6 tokens, so a mean of per-rank means would move the weights differently."""
     steps = 3
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     ddp_dir.mkdir()
     single_dir.mkdir()
     _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-          "--master_port", str(_free_port()), str(WORKER), str(ddp_dir), "1", str(steps)])
-    _run([sys.executable, str(WORKER), str(single_dir), "2", str(steps)])
+          "--master_port", str(_free_port()), str(WORKER), str(ddp_dir), "1", str(steps), loss])
+    _run([sys.executable, str(WORKER), str(single_dir), "2", str(steps), loss])
 
     rank0 = torch.load(ddp_dir / "lora-rank0.pt")
     rank1 = torch.load(ddp_dir / "lora-rank1.pt")

@@ -17,6 +17,9 @@ import os
 
 import torch
 
+#: The label of positions without a loss term (prompt, padding), as in PyTorch's cross-entropy, TRL and Liger.
+IGNORE_INDEX = -100
+
 
 def value_checks_enabled(t: torch.Tensor) -> bool:
     """Whether content checks run for ``t`` (always on CPU; on GPU only with TIDPO_CHECK_VALUES=1)."""

@@ -84,16 +84,17 @@ def gpt2_tokenizer():
 
 
 def tiny_gpt2(vocab_size: int = 50257, *, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
-              n_positions: int = 256, seed: int = 0):
+              n_positions: int = 256, seed: int = 0, dropout: float = 0.0):
     """A tiny randomly initialised ``GPT2LMHeadModel`` built from a config in code (tests, smoke runs).
 
-    Dropout is 0 so that train and eval forwards agree (the tests compare them exactly).
+    ``dropout`` is every dropout probability of the config (residual, embedding, attention); GPT-2's own
+    default is 0.1, this one's 0 so that train and eval forwards agree unless a test asks otherwise.
     """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=vocab_size, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-                        n_positions=n_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        n_positions=n_positions, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                         bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1,
                         pad_token_id=vocab_size - 1)
     with torch.random.fork_rng(devices=[]):

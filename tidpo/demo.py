@@ -26,9 +26,9 @@ from collections.abc import Callable
 import torch
 
 import tidpo
+from tidpo._validation import IGNORE_INDEX
 from tidpo.weights import tis_dpo_weights
 
-IGNORE_INDEX = -100
 EOS_ID = 256
 VOCAB_SIZE = 257
 

@@ -28,10 +28,13 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from tidpo._model_state import eval_mode
-from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer
+from tidpo.trainer import LOSS_REGISTRY, TokenWeightedDPOConfig, TokenWeightedDPOTrainer
+from tidpo.trainer.loss_registry import REFERENCE_NONE, WEIGHTS_NONE
 from tidpo.trainer.run import RunArguments, apply_lora, load_model_and_tokenizer
 
-MAIN_JOB_LOSSES = ("dpo", "ipo", "hinge", "tdpo1", "tdpo2")
+#: The losses that need nothing but the pairs: a reference and no token weights (dpo ipo hinge tdpo1 tdpo2).
+MAIN_JOB_LOSSES = tuple(name for name, spec in LOSS_REGISTRY.items()
+                        if spec.reference != REFERENCE_NONE and spec.weights == WEIGHTS_NONE)
 
 
 class HeldOutTable(TrainerCallback):

@@ -6,12 +6,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from tidpo._validation import IGNORE_INDEX
 from tidpo.data.dataset import ITEM_COLUMNS
 
-__all__ = ["PreferenceCollator"]
+__all__ = ["ALIGNED_BATCH_COLUMNS", "PreferenceCollator"]
 
 #: Optional token-aligned per-response columns -> the batch tensor they fill.
-_ALIGNED_BATCH_COLUMNS = {
+ALIGNED_BATCH_COLUMNS = {
     "weights": ("chosen_weights", "rejected_weights"),
     "ref_logps": ("chosen_ref_logps", "rejected_ref_logps"),
 }
@@ -59,7 +60,7 @@ class PreferenceCollator:
         ValueError: ``pad_token_id`` is negative or ``pad_to_multiple_of`` is not positive.
     """
 
-    def __init__(self, pad_token_id: int, *, ignore_index: int = -100, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int, *, ignore_index: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None):
         if pad_token_id is None:
             raise TypeError(
                 "pad_token_id is None; set tokenizer.pad_token (e.g. tokenizer.pad_token = tokenizer.eos_token) "
@@ -106,7 +107,7 @@ class PreferenceCollator:
             labels[row, start:end] = input_ids[row, start:end]
 
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        for key, columns in _ALIGNED_BATCH_COLUMNS.items():
+        for key, columns in ALIGNED_BATCH_COLUMNS.items():
             if _carried(items, columns, key):
                 batch[key] = _scatter_aligned(items, columns, sequences, length)
         batch.update(self._left_padded_prompts(items))

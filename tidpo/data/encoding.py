@@ -16,6 +16,11 @@ token that terminates the reply:
       response_ids = full_ids[len(prompt_ids):]     # full_ids must start with prompt_ids
 
   The reply's terminator is whatever the template writes after the reply (e.g. ``<|im_end|>\\n``).
+
+Special tokens already in the text are not doubled (as in TRL): a prompt whose text starts with the BOS text
+keeps the one BOS (the tokenizer's own is not added a second time); a plain-text reply whose text ends with the
+EOS text gets no second EOS; a conversational reply whose content ends with the token the template writes
+after a reply (its EOS / end-of-turn text) has it removed from the content, so the template writes it once.
 """
 
 from __future__ import annotations
@@ -75,10 +80,22 @@ def encode_plain_batch(tokenizer, rows: Sequence[Mapping], indices: Sequence[int
         for column in ("prompt", "chosen", "rejected"):
             if not row[column].strip():
                 raise ValueError(f"row {index}: {column!r} is empty or only whitespace")
+    bos = tokenizer.bos_token_id
     prompts = tokenizer([row["prompt"] for row in rows], add_special_tokens=True)["input_ids"]
     chosen = tokenizer([row["chosen"] for row in rows], add_special_tokens=False)["input_ids"]
     rejected = tokenizer([row["rejected"] for row in rows], add_special_tokens=False)["input_ids"]
-    return [(list(p), [*c, eos], [*r, eos]) for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+    return [(_single_leading_bos(list(p), bos), _ending_with_eos(c, eos), _ending_with_eos(r, eos))
+            for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+
+
+def _single_leading_bos(ids: list[int], bos: int | None) -> list[int]:
+    """``ids`` without the first of two leading BOS (the text's own and the one the tokenizer added)."""
+    return ids[1:] if bos is not None and len(ids) >= 2 and ids[0] == ids[1] == bos else ids
+
+
+def _ending_with_eos(ids: list[int], eos: int) -> list[int]:
+    """``ids + [eos]``, unless the text already ended with the EOS token."""
+    return list(ids) if ids and ids[-1] == eos else [*ids, eos]
 
 
 def encode_chat_batch(tokenizer, rows: Sequence[Mapping], indices: Sequence[int]):
@@ -92,17 +109,21 @@ def encode_chat_batch(tokenizer, rows: Sequence[Mapping], indices: Sequence[int]
             it does not start with the rendered prompt (with generation prompt), or a response renders to
             no tokens; the message names the row.
     """
+    if not rows:
+        return []
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(
+            f"row {indices[0]} is conversational (its prompt is a list of messages) but the tokenizer has no "
+            "chat_template; set tokenizer.chat_template, or pass plain-text rows (strings), which need none")
+    terminator = _reply_terminator(tokenizer)
     encoded = []
     for row, index in zip(rows, indices, strict=True):
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError(
-                f"row {index} is conversational (its prompt is a list of messages) but the tokenizer has no "
-                "chat_template; set tokenizer.chat_template, or pass plain-text rows (strings), which need none")
         prompt = list(row["prompt"])
         prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True, index=index)
         responses = []
         for column in ("chosen", "rejected"):
-            full_ids = _chat_ids(tokenizer, prompt + list(row[column]), add_generation_prompt=False, index=index)
+            reply = [_without_suffix(message, terminator) for message in row[column]]
+            full_ids = _chat_ids(tokenizer, prompt + reply, add_generation_prompt=False, index=index)
             if full_ids[: len(prompt_ids)] != prompt_ids:
                 raise ValueError(
                     f"row {index}: the chat template renders prompt + {column} so that it does not start with "
@@ -114,6 +135,35 @@ def encode_chat_batch(tokenizer, rows: Sequence[Mapping], indices: Sequence[int]
             responses.append(response_ids)
         encoded.append((prompt_ids, responses[0], responses[1]))
     return encoded
+
+
+def _reply_terminator(tokenizer) -> str:
+    """The text the chat template writes right after a reply's content, whitespace stripped (may be empty).
+
+    Found by rendering a probe conversation once per batch, so it works for any template; a template that
+    cannot render the probe (one that insists on, say, a system turn) yields "" and replies are left as given.
+    """
+    marker = "tidpo-reply-probe"
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # noqa: BLE001 - template errors have no common type (jinja2, ValueError, ...)
+        return ""
+    if not isinstance(text, str) or marker not in text:
+        return ""
+    after = text[text.rindex(marker) + len(marker):].strip()
+    special = [token for token in (getattr(tokenizer, "eos_token", None), *getattr(tokenizer, "all_special_tokens", ()))
+               if isinstance(token, str) and token]
+    # Only a special token the template writes after every reply counts (e.g. "<|im_end|>", "<|eot_id|>").
+    return next((token for token in special if after.startswith(token)), "")
+
+
+def _without_suffix(message, terminator: str):
+    """The message with a trailing ``terminator`` removed from its content (the template writes it)."""
+    content = message.get("content") if isinstance(message, Mapping) else None
+    if not terminator or not isinstance(content, str) or not content.rstrip().endswith(terminator):
+        return message
+    return {**message, "content": content.rstrip()[:-len(terminator)]}
 
 
 def _check_messages(messages, index: int, column: str) -> None:
@@ -134,7 +184,7 @@ def _chat_ids(tokenizer, messages: list, *, add_generation_prompt: bool, index: 
         messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)
     if isinstance(out, Mapping):
         out = out["input_ids"]
-    ids = list(out)
+    ids = _single_leading_bos(list(out), getattr(tokenizer, "bos_token_id", None))
     if not all(isinstance(token, int) for token in ids):
         raise ValueError(f"row {index}: apply_chat_template did not return a flat list of token ids")
     return ids

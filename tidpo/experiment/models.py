@@ -11,11 +11,11 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tidpo._validation import IGNORE_INDEX
 from tidpo.ops import token_logps
 
 __all__ = ["IGNORE_INDEX", "build_model", "clone_model", "pretrain_base"]
 
-IGNORE_INDEX = -100
 #: Positions the model supports: prompt (tags + topic + context) + response + EOS, with room to spare.
 MAX_POSITIONS = 64
 

@@ -15,6 +15,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from tidpo.data import PreferenceDataset, tokenize_preference_rows
 from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer
+from tidpo.trainer.loss_registry import LOSS_REGISTRY
 
 __all__ = ["RewardCurve", "ordered_dataset", "run_trainer", "tokenize_rows"]
 
@@ -84,13 +85,15 @@ def run_trainer(model, dataset: PreferenceDataset, tokenizer, *, loss: str, step
         ``{"seconds": train seconds, "setup_seconds": trainer construction, "train_loss": mean loss}``.
     """
     start = time.perf_counter()
+    # The experiment's settings, for the losses that read them (a loss refuses a field it does not read).
+    shared = {"beta": config.beta, "anchor_max_new_tokens": config.max_response_length + 1}
+    method = {**{k: v for k, v in shared.items() if k in LOSS_REGISTRY[loss].fields}, **method}
     args = TokenWeightedDPOConfig(
-        output_dir=str(work_dir), loss=loss, beta=config.beta, max_steps=steps, learning_rate=lr,
+        output_dir=str(work_dir), loss=loss, max_steps=steps, learning_rate=lr,
         per_device_train_batch_size=config.batch_size, lr_scheduler_type="constant", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, seed=seed, data_seed=seed, report_to=[], save_strategy="no",
         logging_strategy="no", disable_tqdm=True, use_cpu=True, train_sampling_strategy="sequential",
-        dataloader_num_workers=0, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH,
-        anchor_max_new_tokens=config.max_response_length + 1, **method)
+        dataloader_num_workers=0, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, **method)
     trainer = TokenWeightedDPOTrainer(model, args, train_dataset=dataset, processing_class=tokenizer,
                                       ref_model=ref_model, callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)

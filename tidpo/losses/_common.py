@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from tidpo import _validation as v
-from tidpo.losses.output import PreferenceLossOutput
+from tidpo.losses.output import PreferenceLossOutput, metric_total
 from tidpo.losses.packing import SequencePacking, check_packing
 from tidpo.ops import token_kl, token_logps
 from tidpo.ops.sequence import sequence_rows, weighted_sequence_logps
@@ -125,27 +125,47 @@ def seq_kl(batch: PairBatch, p_logits, q_logits, labels, ignore_index, backend, 
     return batch.sums(kl)
 
 
-def build_output(losses, chosen_rewards, rejected_rewards, batch: PairBatch,
-                 extra: dict[str, torch.Tensor] | None = None) -> PreferenceLossOutput:
-    """Assemble the output object and the TRL-style detached batch-mean metrics."""
+def build_output(losses, chosen_rewards, rejected_rewards, batch: PairBatch, *,
+                 pair_metrics: dict[str, torch.Tensor] | None = None,
+                 token_metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> PreferenceLossOutput:
+    """Assemble the output object and its metrics as sums and counts.
+
+    Args:
+        pair_metrics: ``{key: [B] per-pair values}``, averaged over the pairs.
+        token_metrics: ``{key: ([B] per-sequence sums over valid tokens, [B] valid-token counts)}``, averaged
+            over the tokens (a sequence without valid tokens adds nothing).
+    """
     chosen_rewards = chosen_rewards.detach()
     rejected_rewards = rejected_rewards.detach()
     pol_w, pol_l = split_pairs(batch.sums(batch.policy_logps.detach()))
-    metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
-        "logps/chosen": pol_w.mean(),
-        "logps/rejected": pol_l.mean(),
+    pairs = {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
+        "logps/chosen": pol_w,
+        "logps/rejected": pol_l,
+        **(pair_metrics or {}),
     }
-    for key, value in (extra or {}).items():
-        metrics[key] = value.detach().mean()
-    return PreferenceLossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metrics)
+    totals = {key: metric_total(values) for key, values in pairs.items()}
+    for key, (sums, counts) in (token_metrics or {}).items():
+        totals[key] = metric_total(sums, counts.sum())
+    return PreferenceLossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metric_totals=totals)
 
 
-def weight_metrics(weights: torch.Tensor, batch: PairBatch) -> dict[str, torch.Tensor]:
-    """Mean token weight over valid tokens of chosen and rejected responses (per pair)."""
-    w = weights.detach().to(batch.policy_logps.dtype)
-    mean_w, mean_l = split_pairs(batch.sums(w) / batch.counts().clamp(min=1))
-    return {"weights/chosen_mean": mean_w, "weights/rejected_mean": mean_l}
+def side_counts(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B], [B])``: valid-token counts of the chosen and of the rejected responses."""
+    return split_pairs(batch.counts())
+
+
+def weight_metrics(weights: torch.Tensor, batch: PairBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Token metrics: the mean token weight over the valid tokens of the chosen and of the rejected responses."""
+    sum_w, sum_l = split_pairs(batch.sums(weights.detach().to(batch.policy_logps.dtype)))
+    count_w, count_l = side_counts(batch)
+    return {"weights/chosen_mean": (sum_w, count_w), "weights/rejected_mean": (sum_l, count_l)}
+
+
+def kl_metrics(k_w: torch.Tensor, k_l: torch.Tensor, batch: PairBatch) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Token metrics: the per-token KL term (per-sequence sums ``k_w`` / ``k_l``) over the valid tokens."""
+    count_w, count_l = side_counts(batch)
+    return {"kl/chosen": (k_w, count_w), "kl/rejected": (k_l, count_l)}

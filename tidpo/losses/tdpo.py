@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tidpo import _validation as v
-from tidpo.losses._common import build_output, pair_batch, seq_kl, split_pairs
+from tidpo.losses._common import build_output, kl_metrics, pair_batch, seq_kl, split_pairs
 from tidpo.losses.output import PreferenceLossOutput
 from tidpo.losses.packing import SequencePacking
 
@@ -45,7 +45,7 @@ def tdpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: tor
     z = tdpo_margin(m_w, m_l, k_w, k_l, alpha, variant)
     losses = -F.logsigmoid(beta * z)
     return build_output(losses, beta * (m_w + k_w), beta * (m_l + k_l), batch,
-                        {"kl/chosen": k_w, "kl/rejected": k_l})
+                        token_metrics=kl_metrics(k_w, k_l, batch))
 
 
 def tdpo_margin(m_w, m_l, k_w, k_l, alpha: float, variant: int) -> torch.Tensor:

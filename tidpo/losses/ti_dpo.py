@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tidpo import _validation as v
 from tidpo.losses._common import (
     build_output,
+    kl_metrics,
     pair_batch,
     seq_kl,
     split_pairs,
@@ -117,7 +118,8 @@ def ti_dpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: t
     losses = -F.logsigmoid(beta * tdpo_margin(m_w, m_l, k_w, k_l, alpha, variant=2))
     if kl_coef > 0:
         losses = losses + kl_coef * 0.5 * (k_w + k_l)
-    extra = {"kl/chosen": k_w, "kl/rejected": k_l, **weight_metrics(weights, batch)}
+    token_metrics = {**kl_metrics(k_w, k_l, batch), **weight_metrics(weights, batch)}
+    pair_metrics = {}
     if anchor is not None and gamma > 0:
         a_rho, a_mask = anchor_log_ratios(anchor, batch.num_pairs, policy_logits, ignore_index, backend,
                                           chunk_size)
@@ -126,5 +128,6 @@ def ti_dpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: t
         mask_w, mask_l = split_pairs(mask_rows)
         trip = triplet_loss(a_rho, a_mask, rho_w, mask_w, rho_l, mask_l, triplet_margin)
         losses = losses + gamma * trip
-        extra["triplet/loss"] = trip
-    return build_output(losses, beta * (m_w + k_w), beta * (m_l + k_l), batch, extra)
+        pair_metrics["triplet/loss"] = trip
+    return build_output(losses, beta * (m_w + k_w), beta * (m_l + k_l), batch, pair_metrics=pair_metrics,
+                        token_metrics=token_metrics)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from tidpo import _validation as v
 from tidpo.losses._common import (
     build_output,
+    kl_metrics,
     pair_batch,
     seq_kl,
     split_pairs,
@@ -73,7 +74,7 @@ def tis_dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, weights: tor
     w = weights.detach().to(batch.policy_logps.dtype)
     m_w, m_l = split_pairs(batch.weighted_margins)
     z = m_w - m_l
-    extra = weight_metrics(weights, batch)
+    token_metrics = weight_metrics(weights, batch)
     if token_level:
         ref = ref_logits.detach()
         if kl_form == "released":
@@ -84,6 +85,6 @@ def tis_dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, weights: tor
             k_w, k_l = split_pairs(seq_kl(batch, ref, policy_logits, labels, ignore_index, backend, chunk_size,
                                           weights=w))
             z = z - (k_l - k_w) if kl_form == "paper_tdpo1" else z - alpha * (k_l - k_w.detach())
-        extra.update({"kl/chosen": k_w, "kl/rejected": k_l})
+        token_metrics.update(kl_metrics(k_w, k_l, batch))
     losses = -F.logsigmoid(beta * z)
-    return build_output(losses, beta * m_w, beta * m_l, batch, extra)
+    return build_output(losses, beta * m_w, beta * m_l, batch, token_metrics=token_metrics)

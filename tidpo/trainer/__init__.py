@@ -1,6 +1,11 @@
-"""The thin trainer: ``transformers.Trainer`` + the preference loss, and its ``TrainingArguments``."""
+"""The thin trainer: ``transformers.Trainer`` + the preference loss, and its ``TrainingArguments``.
 
-from tidpo.trainer.config import LOSSES, TokenWeightedDPOConfig
+:data:`LOSS_REGISTRY` is the one table of the trainable losses: what each needs (reference log-probs or
+logits, data or online token weights) and which config fields it reads.
+"""
+
+from tidpo.trainer.config import TokenWeightedDPOConfig
+from tidpo.trainer.loss_registry import LOSS_REGISTRY, LOSSES, LossSpec
 from tidpo.trainer.trainer import TokenWeightedDPOTrainer
 
-__all__ = ["LOSSES", "TokenWeightedDPOConfig", "TokenWeightedDPOTrainer"]
+__all__ = ["LOSSES", "LOSS_REGISTRY", "LossSpec", "TokenWeightedDPOConfig", "TokenWeightedDPOTrainer"]

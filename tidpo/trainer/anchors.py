@@ -18,12 +18,14 @@ absolute positions of models such as GPT-2.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from tidpo._model_state import eval_mode
+from tidpo._validation import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ANCHOR_SOURCES = ("prompt", "chosen")
 
 
@@ -64,36 +66,56 @@ def chosen_prefix_context(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return context, valid.to(attention_mask.dtype), prefix
 
 
-def through_first_eos(generated: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """Bool ``[B, G]``: True up to and including each row's first ``eos_token_id`` (all True without one).
+def end_of_turn_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The token ids that end a reply: the model's ``generation_config.eos_token_id`` (one id or a list, e.g.
+    Llama-3 Instruct's ``<|end_of_text|>`` and ``<|eot_id|>``) and the tokenizer's EOS, without repeats."""
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for source in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        for token in ([] if source is None else [source] if isinstance(source, int) else list(source)):
+            if int(token) not in ids:
+                ids.append(int(token))
+    return ids
 
-    The tokens ``generate()`` appends after a row's first EOS are padding; the EOS itself belongs to the response.
+
+def through_first_eos(generated: torch.Tensor, eos_token_id: int | Sequence[int]) -> torch.Tensor:
+    """Bool ``[B, G]``: True up to and including each row's first end token (all True without one).
+
+    ``eos_token_id``: one id or several (any of them ends the reply). The tokens ``generate()`` appends after
+    a row's first end token are padding; the end token itself belongs to the response.
     """
-    is_eos = (generated == eos_token_id).long()
+    ids = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                          device=generated.device, dtype=generated.dtype)
+    is_eos = torch.isin(generated, ids).long()
     return is_eos.cumsum(-1) - is_eos == 0
 
 
 def sample_anchors(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, pad_token_id: int,
-                   eos_token_id: int | None, max_new_tokens: int = 64, top_k: int = 50, top_p: float = 0.95,
-                   temperature: float = 0.8, prefix_lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   eos_token_id: int | Sequence[int] | None, max_new_tokens: int = 64, top_k: int = 50,
+                   top_p: float = 0.95, temperature: float = 0.8, prefix_lengths: torch.Tensor | None = None,
+                   ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
     """Sample one anchor response per context under ``no_grad`` (eval mode, restored afterwards).
 
     Args:
         prompt_ids / prompt_mask: ``[B, P]`` LEFT-padded contexts: the collator's ``prompt_input_ids`` /
             ``prompt_attention_mask``, or :func:`chosen_prefix_context`'s output.
+        eos_token_id: the id, or ids, that end a reply; ``None``: the model's own (:func:`end_of_turn_ids`).
         prefix_lengths: ``[B]`` long, how many trailing context tokens already belong to the anchor response
             (the chosen prefix); ``None`` = 0 (the anchor is only what is sampled).
+        ignore_index: the label of positions outside the anchor response.
         top_k / top_p / temperature / max_new_tokens: the sampling settings (``do_sample=True``).
 
     Returns:
         ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, P + G]`` in the collator's layout: each row
         starts at column 0 (context, then anchor) and is right-padded with ``pad_token_id``. ``labels`` hold
         the anchor response (the prefix tokens, then the sampled tokens up to and including the first EOS),
-        ``-100`` elsewhere (not shifted, like the collator's labels).
+        ``ignore_index`` elsewhere (not shifted, like the collator's labels).
     """
     if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
         raise ValueError(f"prompt_ids and prompt_mask must both be [B, P], got {tuple(prompt_ids.shape)} and "
                          f"{tuple(prompt_mask.shape)}")
+    if eos_token_id is None:
+        eos_token_id = end_of_turn_ids(model, None)
     with eval_mode(model), torch.no_grad():
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=top_k,
                              top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
@@ -101,7 +123,7 @@ def sample_anchors(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
     width = prompt_ids.shape[1]
     generated = out[:, width:]
     keep = torch.ones_like(generated, dtype=torch.bool)
-    if eos_token_id is not None:
+    if eos_token_id:
         keep = through_first_eos(generated, eos_token_id)
     in_prefix = torch.zeros_like(prompt_ids, dtype=torch.bool)
     if prefix_lengths is not None:
@@ -109,13 +131,13 @@ def sample_anchors(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
             raise ValueError(f"prefix_lengths must be [B] = [{prompt_ids.shape[0]}], got {tuple(prefix_lengths.shape)}")
         in_prefix = torch.arange(width, device=prompt_ids.device)[None, :] >= width - prefix_lengths[:, None]
     anchor = torch.cat([in_prefix, keep], dim=1)
-    labels = torch.where(anchor, out, torch.full_like(out, IGNORE_INDEX))
+    labels = torch.where(anchor, out, torch.full_like(out, ignore_index))
     attention_mask = torch.cat([prompt_mask.bool(), keep], dim=1)
-    return _left_align(out, attention_mask, labels, pad_token_id, prompt_mask.dtype)
+    return _left_align(out, attention_mask, labels, pad_token_id, prompt_mask.dtype, ignore_index)
 
 
 def _left_align(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, pad_token_id: int,
-                mask_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+                mask_dtype: torch.dtype, ignore_index: int) -> dict[str, torch.Tensor]:
     """Shift each row left by its number of leading pads: left padding -> the collator's right padding."""
     shift = mask.long().argmax(-1, keepdim=True)  # index of the first real token = leading pads per row
     source = torch.arange(ids.shape[1], device=ids.device)[None, :] + shift
@@ -124,4 +146,4 @@ def _left_align(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, pad
     kept = inside & mask.gather(1, source)
     return {"input_ids": torch.where(kept, ids.gather(1, source), torch.full_like(ids, pad_token_id)),
             "attention_mask": kept.to(mask_dtype),
-            "labels": torch.where(kept, labels.gather(1, source), torch.full_like(labels, IGNORE_INDEX))}
+            "labels": torch.where(kept, labels.gather(1, source), torch.full_like(labels, ignore_index))}

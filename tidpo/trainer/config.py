@@ -7,7 +7,7 @@ next to all of ``TrainingArguments`` (``--learning-rate``, ``--per-device-train-
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import TrainingArguments
@@ -16,27 +16,21 @@ from tidpo._validation import check_choice
 from tidpo.data.tokenization import TRUNCATION_MODES
 from tidpo.losses import KL_FORMS
 from tidpo.trainer.anchors import ANCHOR_SOURCES
+from tidpo.trainer.loss_registry import (
+    LOSS_REGISTRY,
+    REFERENCE_LOGITS,
+    REFERENCE_NONE,
+    LossSpec,
+    loss_help,
+    method_fields,
+    readers_of,
+)
 from tidpo.weights.attribution import IMPORTANCES, SCOPES
 
-#: Losses the trainer computes, and what each needs from the reference model.
-#: ``"logps"``: per-token reference log-probs only (may be precomputed once);
-#: ``"logits"``: the full reference distribution every step (KL terms over the vocabulary);
-#: ``None``: no reference (SFT).
-LOSS_REFERENCE_NEEDS = {
-    "dpo": "logps",
-    "ipo": "logps",
-    "hinge": "logps",
-    "tdpo1": "logits",
-    "tdpo2": "logits",
-    "tis_dpo": "logps",
-    "ti_dpo": "logits",
-    "sft": None,
-}
 #: TI-DPO hyper-parameters of the official code (config/loss/tidpo.yaml), applied by ``ti_preset="official"``;
 #: the field defaults are the paper's table (METHODS.md §3.5).
 TI_OFFICIAL_PRESET = {"beta": 0.2, "gamma": 0.001, "triplet_margin": 0.001, "ti_lambda": 0.2,
                       "prior_sigma_div": 8.0, "importance_scope": "sequence", "anchor_source": "prompt"}
-LOSSES = tuple(LOSS_REFERENCE_NEEDS)
 
 
 def _help(text: str) -> dict:
@@ -51,6 +45,10 @@ class TokenWeightedDPOConfig(TrainingArguments):
     (optimiser, schedule, batch sizes, logging, checkpoints, ``bf16``, DDP/FSDP through
     ``accelerate``) is the Trainer's own. ``remove_unused_columns`` defaults to ``False`` because
     the preference collator needs every column of the tokenised pairs.
+
+    Which loss reads which field is one table, :data:`~tidpo.trainer.loss_registry.LOSS_REGISTRY`: a method
+    field the chosen loss does not read must keep its default (``--gamma 0.5`` with ``--loss dpo`` is an error,
+    not a silently ignored flag).
 
     Method fields (see ``../shared/METHODS.md`` for the formulas):
 
@@ -79,14 +77,17 @@ class TokenWeightedDPOConfig(TrainingArguments):
     ``chosen_weights_column``   ...        per-token weight columns (TIS-DPO), one value per response
     ``rejected_weights_column``            token but the final EOS (which gets weight 0)
     ``loss_backend``            None       tidpo op backend: ``auto`` / ``torch`` / ``triton`` (None: env)
+    ``disable_dropout``         True       switch off the dropout of the policy and the reference (as TRL
+                                           and the released TIS-DPO / TI-DPO code do); adapter dropout
+                                           (``lora_dropout``) is kept
     ==========================  =========  ================================================================
+
+    Raises:
+        ValueError: an invalid value (the field is named), or a method field set for a loss that does not
+            read it.
     """
 
-    loss: str = field(default="dpo", metadata=_help(
-        "preference loss: dpo | ipo | hinge (DPO, Rafailov et al. 2023; IPO, Azar et al. 2023) | tdpo1 | tdpo2 "
-        "(TDPO, Zeng et al. 2024) | tis_dpo (TIS-DPO, Liu et al. 2025; needs per-token weights) | ti_dpo (TI-DPO, "
-        "Yang et al. 2026: online gradient-attribution weights + triplet loss) | sft (mean "
-        "token NLL of the chosen responses, prompt masked; builds TIS-DPO(S) contrastive models)"))
+    loss: str = field(default="dpo", metadata=_help(loss_help()))
     beta: float = field(default=0.1, metadata=_help("inverse temperature beta of the preference loss (> 0)"))
     alpha: float = field(default=0.5, metadata=_help(
         "weight alpha of the sequential KL term: TDPO2 and token-level TIS-DPO (>= 0)"))
@@ -137,6 +138,10 @@ class TokenWeightedDPOConfig(TrainingArguments):
     ti_preset: str | None = field(default=None, metadata=_help(
         "official: use the official TI-DPO code's values (beta 0.2, gamma 1e-3, triplet margin 1e-3, lambda 0.2, "
         "sigma = n/8, whole-sequence importance) instead of the paper's defaults; overrides those fields"))
+    disable_dropout: bool = field(default=True, metadata=_help(
+        "switch off every dropout of the policy and the reference model (nn.Dropout modules and the attention "
+        "dropout models apply from their config), as TRL and the released TIS-DPO / TI-DPO code do; LoRA's own "
+        "lora_dropout is kept (set it to 0 for a dropout-free policy)"))
     remove_unused_columns: bool = field(default=False, metadata=_help(
         "kept False: the preference collator reads every tokenised column"))
 
@@ -145,12 +150,9 @@ class TokenWeightedDPOConfig(TrainingArguments):
         if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
             # Pinned memory only helps host-to-accelerator copies; without one the DataLoader warns per run.
             self.dataloader_pin_memory = False
+        check_choice(self.loss, "loss", tuple(LOSS_REGISTRY))
         if self.ti_preset is not None:
             check_choice(self.ti_preset, "ti_preset", ("official",))
-            if self.loss != "ti_dpo":
-                raise ValueError(f"ti_preset applies to loss='ti_dpo' only, got loss={self.loss!r}")
-            for name, value in TI_OFFICIAL_PRESET.items():
-                setattr(self, name, value)
         check_choice(self.importance_scope, "importance_scope", SCOPES)
         check_choice(self.ti_importance, "ti_importance", IMPORTANCES)
         _check_number(self.gamma, "gamma", low=0.0)
@@ -166,7 +168,6 @@ class TokenWeightedDPOConfig(TrainingArguments):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
                     or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        check_choice(self.loss, "loss", LOSSES)
         check_choice(self.truncation_mode, "truncation_mode", TRUNCATION_MODES)
         check_choice(self.kl_form, "kl_form", KL_FORMS)
         if self.loss_backend is not None:
@@ -174,10 +175,6 @@ class TokenWeightedDPOConfig(TrainingArguments):
         _check_number(self.beta, "beta", low=0.0, low_open=True)
         _check_number(self.alpha, "alpha", low=0.0)
         _check_number(self.label_smoothing, "label_smoothing", low=0.0, high=0.5)
-        if self.label_smoothing and self.loss != "dpo":
-            raise ValueError(f"label_smoothing applies to loss='dpo' only, got loss={self.loss!r}")
-        if self.token_level and self.loss != "tis_dpo":
-            raise ValueError(f"token_level applies to loss='tis_dpo' only, got loss={self.loss!r}")
         if self.kl_form != "released" and not self.token_level:
             raise ValueError(f"kl_form={self.kl_form!r} selects a KL term: it needs token_level=True")
         for name in ("max_length", "max_prompt_length"):
@@ -187,32 +184,43 @@ class TokenWeightedDPOConfig(TrainingArguments):
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                              f"({self.max_length}) so that some response tokens survive truncation")
-        if self.precompute_ref_logps and not self.needs_reference:
+        if self.precompute_ref_logps and self.reference_need == REFERENCE_NONE:
             raise ValueError(f"precompute_ref_logps: loss={self.loss!r} uses no reference model")
-        if self.precompute_ref_logps and self.needs_ref_logits:
+        if self.precompute_ref_logps and self.reference_need == REFERENCE_LOGITS:
             raise ValueError(f"precompute_ref_logps cannot serve loss={self.loss!r}"
                              f"{' with token_level' if self.token_level else ''}: it needs the reference "
                              "model's full distribution at every step")
+        if not isinstance(self.disable_dropout, bool):
+            raise ValueError(f"disable_dropout must be a bool, got {self.disable_dropout!r}")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False: the preference collator needs every column")
         for name in ("chosen_weights_column", "rejected_weights_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name} must be a non-empty column name, got {getattr(self, name)!r}")
+        self._check_unread_fields()
+        if self.ti_preset is not None:
+            for name, value in TI_OFFICIAL_PRESET.items():
+                setattr(self, name, value)
+
+    def _check_unread_fields(self) -> None:
+        """A method field the loss does not read must keep its default: a set value would be ignored silently."""
+        defaults = {f.name: f.default for f in fields(TokenWeightedDPOConfig)}
+        spec = self.loss_spec
+        for name in method_fields():
+            if name not in spec.fields and getattr(self, name) != defaults[name]:
+                readers = " / ".join(repr(loss) for loss in readers_of(name))
+                raise ValueError(f"{name}={getattr(self, name)!r} is not read by loss={self.loss!r}: it applies to "
+                                 f"loss {readers} only (leave it at its default, {defaults[name]!r})")
 
     @property
-    def needs_reference(self) -> bool:
-        """False for SFT, which has no reference model."""
-        return LOSS_REFERENCE_NEEDS[self.loss] is not None
+    def loss_spec(self) -> LossSpec:
+        """The chosen loss's entry of :data:`~tidpo.trainer.loss_registry.LOSS_REGISTRY`."""
+        return LOSS_REGISTRY[self.loss]
 
     @property
-    def needs_ref_logits(self) -> bool:
-        """True when the loss reads the reference's full distribution (KL terms), not just log-probs."""
-        return LOSS_REFERENCE_NEEDS[self.loss] == "logits" or (self.loss == "tis_dpo" and self.token_level)
-
-    @property
-    def needs_weights(self) -> bool:
-        """True when the loss needs per-token weights from the data."""
-        return self.loss == "tis_dpo"
+    def reference_need(self) -> str:
+        """What the loss needs from the reference model: ``"none"``, ``"logps"`` or ``"logits"``."""
+        return self.loss_spec.reference_need(self)
 
 
 def _check_number(value, name: str, *, low: float, high: float | None = None, low_open: bool = False) -> None:

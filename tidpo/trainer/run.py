@@ -68,7 +68,8 @@ class RunArguments:
                                                            "weights against a frozen copy"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank r"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA input"})
+    lora_dropout: float = field(default=0.0, metadata={"help": (
+        "dropout on the LoRA input; kept as given when --disable-dropout switches off the model's own dropout")})
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": (
         "module names that get adapters, e.g. q_proj k_proj v_proj o_proj; 'all-linear' = every linear "
         "layer but the output head")})

@@ -7,25 +7,31 @@ resuming, DDP / FSDP under ``torchrun`` or ``accelerate launch`` — is ``transf
 from __future__ import annotations
 
 import contextlib
-import copy
+import logging
 import time
-from collections import defaultdict
-from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers import Trainer
 
-from tidpo._model_state import eval_mode
+from tidpo._model_state import disable_dropout, eval_mode
+from tidpo._validation import IGNORE_INDEX
 from tidpo.data import PreferenceCollator, PreferenceDataset, load_preference_rows, tokenize_preference_rows
-from tidpo.losses import TripletAnchor, dpo_loss, tdpo_loss, ti_dpo_loss, tis_dpo_loss
-from tidpo.ops import token_logps
-from tidpo.trainer.anchors import chosen_prefix_context, sample_anchors
+from tidpo.data.collator import ALIGNED_BATCH_COLUMNS
+from tidpo.losses import PreferenceLossOutput
+from tidpo.losses.output import MetricTotal, metric_total
+from tidpo.trainer.anchors import end_of_turn_ids
+from tidpo.trainer.batch import TrainingBatch
 from tidpo.trainer.config import TokenWeightedDPOConfig
-from tidpo.trainer.reference import precompute_reference_logps
-from tidpo.weights.attribution import ti_dpo_token_weights, weight_entropy
+from tidpo.trainer.loss_registry import REFERENCE_LOGITS, REFERENCE_NONE, WEIGHTS_DATA
+from tidpo.trainer.reference import frozen_copy, placement_of, precompute_reference_logps
 
-IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
+
+#: The per-response columns of precomputed reference log-probs (``precompute_ref_logps``).
+REF_LOGPS_COLUMNS = ALIGNED_BATCH_COLUMNS["ref_logps"]
+#: Key of the loss's own ``(sum, count)`` among the accumulated evaluation totals.
+_LOSS_KEY = "loss"
 
 
 def is_peft_model(model: nn.Module) -> bool:
@@ -38,21 +44,30 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 class TokenWeightedDPOTrainer(Trainer):
-    """Trainer for DPO / IPO / hinge, TDPO1/2, TIS-DPO (and SFT on the chosen responses) from preference data.
+    """Trainer for DPO / IPO / hinge, TDPO1/2, TIS-DPO, TI-DPO (and SFT on the chosen responses).
 
     One forward of the policy over the 2B stacked rows of a batch (rows ``[0, B)`` prompt + chosen,
     ``[B, 2B)`` prompt + rejected) gives logits ``[2B, T, V]``; the loss reads ``logits[:, :-1]``
-    against the shifted labels ``labels[:, 1:]`` (prompt and padding ``-100``) through tidpo's fused
-    ops (Triton on CUDA, the chunked path elsewhere), so no ``[2B, T, V]`` log-softmax is built.
+    against the shifted labels ``labels[:, 1:]`` (prompt and padding ``ignore_index``) through tidpo's
+    fused ops (Triton on CUDA, the chunked path elsewhere), so no ``[2B, T, V]`` log-softmax is built. What
+    each loss needs is :data:`~tidpo.trainer.loss_registry.LOSS_REGISTRY`'s entry.
 
     The reference, in order of precedence:
 
-    1. ``precompute_ref_logps=True``: one pass over the train and eval data before training stores
-       per-token reference log-probs with each pair; the reference model is then released.
-    2. ``ref_model``: a separate frozen model (eval mode, no gradients).
-    3. a PEFT ``model`` and no ``ref_model``: the same model with its adapters disabled
-       (``model.disable_adapter()``), in eval mode for that forward — no second copy in memory.
-    4. otherwise a frozen deep copy of ``model`` at initialisation (memory: one more model).
+    1. per-token reference log-probs carried by the data (``precompute_ref_logps=True`` computes them with
+       one pass before training and then releases the reference model);
+    2. ``ref_model``: a separate frozen model (eval mode, no gradients);
+    3. a PEFT ``model`` and no ``ref_model``: the same model with its adapters disabled — no second copy;
+    4. otherwise a frozen deep copy of ``model`` at initialisation (refused for quantised models and models
+       dispatched over several devices: pass ``ref_model`` or train an adapter).
+
+    Every reference forward runs in evaluation mode (no dropout), under ``no_grad``, and in the policy's
+    mixed-precision context (``--bf16`` / ``--fp16``: the same autocast as the policy, as TRL does), so at
+    initialisation policy and reference give identical log-probs and every reward is exactly 0.
+
+    With ``disable_dropout`` (the default) the policy's and the reference's dropout is switched off for good
+    (:func:`tidpo._model_state.disable_dropout`); PEFT adapter dropout (``lora_dropout``) is kept, and said so
+    in the log.
 
     Args:
         model: the policy (``transformers`` causal LM, optionally PEFT-wrapped).
@@ -62,12 +77,23 @@ class TokenWeightedDPOTrainer(Trainer):
             JSON / JSONL / Parquet file or folder) with ``prompt`` / ``chosen`` / ``rejected`` columns
             (plain text or conversational) and, for ``loss="tis_dpo"``, the weight columns.
         processing_class: the tokenizer (required: tokenisation and the padding id).
-        ref_model: optional separate reference model.
+        ref_model: optional separate reference model. Left on its devices when it is quantised or dispatched by
+            ``device_map``; otherwise moved to the training device.
+        data_collator: default :class:`~tidpo.data.PreferenceCollator`; the trainer takes the label that
+            marks positions without a loss term from its ``ignore_index`` attribute (``-100`` without one).
 
-    Logged (mean over the steps since the last log, reduced over processes, one host transfer per
-    log): ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
-    ``logps/chosen``, ``logps/rejected``, ``weights/*`` (TIS-DPO) and ``kl/*`` (KL losses), with
-    ``eval_`` in front during evaluation.
+    Logged, as exact means over the steps since the last log (sums and counts accumulated over
+    micro-batches and reduced over processes: one device-to-host transfer per log): pair metrics
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``,
+    ``logps/rejected``, ``triplet/loss`` (means over pairs) and token metrics ``weights/*`` and ``kl/*``
+    (means over response tokens). ``evaluate()`` and ``predict()`` return the same metrics over the whole
+    evaluation set, whatever its batch size, under their ``metric_key_prefix`` (``eval_`` / ``test_``), and
+    ``<prefix>_loss`` is the mean over pairs (over tokens for ``sft``).
+
+    Raises:
+        TypeError / ValueError: bad arguments, conflicting reference sources (precomputed log-probs in the data
+            together with ``ref_model``, or with a loss that needs reference logits), a policy that cannot be
+            copied as its own reference, a collator with a non-integer ``ignore_index``.
     """
 
     def __init__(self, model: nn.Module, args: TokenWeightedDPOConfig, train_dataset=None, eval_dataset=None,
@@ -81,38 +107,58 @@ class TokenWeightedDPOTrainer(Trainer):
         if ref_model is not None and ref_model is model:
             raise ValueError("ref_model must be a separate model, not the policy itself (leave it None with a "
                              "PEFT model to use the adapter-disabled policy as reference)")
-        if not args.needs_reference and ref_model is not None:
+        spec = args.loss_spec
+        if spec.reference == REFERENCE_NONE and ref_model is not None:
             raise ValueError(f"loss={args.loss!r} uses no reference model; do not pass ref_model")
-        self._uses_adapter_reference = ref_model is None and is_peft_model(model)
-        if ref_model is None and not self._uses_adapter_reference and args.needs_reference:
-            ref_model = copy.deepcopy(model)
-        if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
+        if args.disable_dropout:
+            self._disable_dropout(model, ref_model)
+        if data_collator is None:
+            data_collator = PreferenceCollator(processing_class.pad_token_id, ignore_index=IGNORE_INDEX)
+        self.ignore_index = _collator_ignore_index(data_collator)
         train_dataset = self._prepare_dataset(train_dataset, processing_class, args, "train_dataset")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._prepare_dataset(d, processing_class, args, f"eval_dataset[{k!r}]")
                             for k, d in eval_dataset.items()}
         else:
             eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
-        if data_collator is None:
-            data_collator = PreferenceCollator(processing_class.pad_token_id, ignore_index=IGNORE_INDEX)
+        _check_reference_sources(args, ref_model, train_dataset, eval_dataset)
+        self._uses_adapter_reference = ref_model is None and is_peft_model(model)
+        if ref_model is None and not self._uses_adapter_reference and spec.reference != REFERENCE_NONE:
+            ref_model = frozen_copy(model)
+        if ref_model is not None:
+            ref_model.eval().requires_grad_(False)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
-        # The loss is a mean over pairs, not a sum over tokens: the Trainer must divide it by the
-        # gradient-accumulation steps itself and never rescale it by token counts or world size.
-        self.model_accepts_loss_kwargs = False
-        self.loss_is_scaled_for_ga = False
+        self.loss_spec = spec
+        # A preference loss is a mean over pairs: the Trainer divides it by the gradient-accumulation steps
+        # and never rescales it by token counts or world size. A token-mean loss (sft) is divided by the
+        # token count of the whole global batch instead (compute_loss), so it is already scaled.
+        self.model_accepts_loss_kwargs = spec.token_mean
+        self.loss_is_scaled_for_ga = spec.token_mean
+        #: Ids that end a reply (TI-DPO anchors): the model's generation config and the tokenizer's EOS.
+        self.end_of_turn_ids = end_of_turn_ids(model, processing_class)
         self._attribution_seconds: float | None = None  # TI-DPO on CPU: set by the loss, read by training_step
-        self._metrics: dict[str, dict[str, list[torch.Tensor]]] = {"train": defaultdict(list),
-                                                                     "eval": defaultdict(list)}
+        self._metric_totals: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._evaluation_depth = 0
         self.ref_model = None
         if ref_model is not None:
-            self.ref_model = ref_model.to(self.args.device)
+            # A quantised or device_map-dispatched reference stays where it was loaded.
+            self.ref_model = ref_model if placement_of(ref_model) else ref_model.to(self.args.device)
         if args.precompute_ref_logps:
             self._precompute_reference()
 
     # ----------------------------------------------------------------------------------------------
-    # data and reference
+    # models, data and reference
+    @staticmethod
+    def _disable_dropout(model: nn.Module, ref_model: nn.Module | None) -> None:
+        kept = disable_dropout(model)
+        if ref_model is not None:
+            disable_dropout(ref_model)
+        if kept:
+            rates = sorted({p for _, p in kept})
+            logger.info("disable_dropout: the policy's dropout is off; the adapter dropout you configured "
+                        "(p=%s on %d adapter layers) is kept", ", ".join(f"{p:g}" for p in rates), len(kept))
+
     @staticmethod
     def _prepare_dataset(dataset, tokenizer, args: TokenWeightedDPOConfig, name: str):
         if dataset is None or isinstance(dataset, PreferenceDataset):
@@ -123,7 +169,7 @@ class TokenWeightedDPOTrainer(Trainer):
                 rows, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
                 truncation_mode=args.truncation_mode,
                 weights_columns=(args.chosen_weights_column, args.rejected_weights_column),
-                require_weights=args.needs_weights, desc=f"tokenising {name}")
+                require_weights=args.loss_spec.weights == WEIGHTS_DATA, desc=f"tokenising {name}")
         except ValueError as error:
             # Say which dataset the row belongs to (train and eval rows are both numbered from 0).
             raise ValueError(f"{name}: {error}") from error
@@ -134,6 +180,10 @@ class TokenWeightedDPOTrainer(Trainer):
         if self.ref_model is not None:
             yield self.ref_model
             return
+        if not self._uses_adapter_reference:
+            raise RuntimeError("no reference model: precompute_ref_logps released it after scoring the datasets "
+                               "given to the trainer, and these pairs carry no reference log-probs; give every "
+                               "dataset to the constructor, or use a PEFT adapter (its reference stays available)")
         # The forward goes through ``self.model`` (the FSDP wrapper where there is one; under DDP the
         # Trainer keeps the bare model there, so no gradient hooks fire); the adapters are switched
         # off on the PEFT model inside any wrapper.
@@ -142,8 +192,13 @@ class TokenWeightedDPOTrainer(Trainer):
             yield self.model
 
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Reference logits ``[2B, T, V]`` under ``no_grad``."""
-        with torch.no_grad(), self._reference_model() as ref:
+        """Reference logits ``[2B, T, V]``: no grad, eval mode, in the policy's mixed-precision context.
+
+        The policy's forward runs under the autocast that ``accelerate`` wraps around it (``--bf16`` /
+        ``--fp16``); every kind of reference runs under the same one, so a reference equal to the policy
+        gives bitwise equal log-probs (and no fp32 reference forward or fp32 reference logits on a GPU).
+        """
+        with torch.no_grad(), self.accelerator.autocast(), self._reference_model() as ref:
             return ref(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     def _precompute_reference(self) -> None:
@@ -168,80 +223,26 @@ class TokenWeightedDPOTrainer(Trainer):
     # ----------------------------------------------------------------------------------------------
     # loss
     def preference_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]):
-        """The configured loss of one collated batch; returns the :class:`~tidpo.PreferenceLossOutput`."""
-        args: TokenWeightedDPOConfig = self.args
-        if args.loss == "sft":
-            return sft_loss(model, inputs, backend=args.loss_backend)
-        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        labels = inputs["labels"][:, 1:]
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-        weights = inputs.get("weights")
-        if args.needs_weights and weights is None:
-            raise ValueError(f"loss={args.loss!r} needs per-token weights, but the batch has none: give the data "
-                             f"{args.chosen_weights_column!r} / {args.rejected_weights_column!r} columns "
-                             "(tidpo train --weights PATH)")
-        weights = None if weights is None else weights[:, 1:]
-        ref_logits = ref_logps = None
-        if "ref_logps" in inputs and not args.needs_ref_logits:
-            ref_logps = inputs["ref_logps"][:, 1:]
-        else:
-            ref_logits = self.reference_logits(input_ids, attention_mask)[:, :-1]
-            if not args.needs_ref_logits:
-                # Only per-token log-probs are needed: reduce now, free the [2B, T, V] reference logits.
-                ref_logps = token_logps(ref_logits, labels, IGNORE_INDEX, backend=args.loss_backend)
-                ref_logits = None
-        common = {"ignore_index": IGNORE_INDEX, "backend": args.loss_backend}
-        if args.loss in ("dpo", "ipo", "hinge"):
-            return dpo_loss(logits, labels, ref_logps=ref_logps, beta=args.beta, loss_type=_DPO_TYPES[args.loss],
-                            label_smoothing=args.label_smoothing, **common)
-        if args.loss == "ti_dpo":
-            return self._ti_dpo_loss(model, inputs, logits, labels, ref_logits)
-        if args.loss in ("tdpo1", "tdpo2"):
-            return tdpo_loss(logits, ref_logits, labels, beta=args.beta, alpha=args.alpha,
-                             variant=int(args.loss[-1]), **common)
-        if args.loss == "tis_dpo":
-            return tis_dpo_loss(logits, labels, weights, ref_logps=ref_logps, ref_logits=ref_logits, beta=args.beta,
-                                token_level=args.token_level, alpha=args.alpha, kl_form=args.kl_form, **common)
-        raise ValueError(f"unknown loss {args.loss!r}")  # unreachable: the config validates it
-
-    def _ti_dpo_loss(self, model, inputs, logits, labels, ref_logits):
-        """TI-DPO: attribution weights of the current policy, an anchor sampled from it, the loss (§3)."""
-        args: TokenWeightedDPOConfig = self.args
-        policy = self.accelerator.unwrap_model(model)
-        start = time.perf_counter()
-        weights = ti_dpo_token_weights(policy, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
-                                       lam=args.ti_lambda, sigma_div=args.prior_sigma_div, scope=args.importance_scope,
-                                       ignore_index=IGNORE_INDEX, importance=args.ti_importance)[:, 1:]
-        attribution_seconds = time.perf_counter() - start
-        anchor = None
-        if args.gamma > 0:
-            tokenizer = self.processing_class
-            context, context_mask, prefix = inputs["prompt_input_ids"], inputs["prompt_attention_mask"], None
-            if args.anchor_source == "chosen":
-                context, context_mask, prefix = chosen_prefix_context(
-                    inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
-                    num_pairs=inputs["input_ids"].shape[0] // 2, fraction=args.anchor_chosen_fraction,
-                    pad_token_id=tokenizer.pad_token_id, ignore_index=IGNORE_INDEX)
-            sampled = sample_anchors(policy, context, context_mask, pad_token_id=tokenizer.pad_token_id,
-                                     eos_token_id=tokenizer.eos_token_id, max_new_tokens=args.anchor_max_new_tokens,
-                                     top_k=args.anchor_top_k, top_p=args.anchor_top_p,
-                                     temperature=args.anchor_temperature, prefix_lengths=prefix)
-            anchor_logits = model(input_ids=sampled["input_ids"], attention_mask=sampled["attention_mask"],
-                                  use_cache=False).logits[:, :-1]
-            anchor_labels = sampled["labels"][:, 1:]
-            ref_anchor = self.reference_logits(sampled["input_ids"], sampled["attention_mask"])[:, :-1]
-            anchor_ref_logps = token_logps(ref_anchor, anchor_labels, IGNORE_INDEX, backend=args.loss_backend)
-            anchor = TripletAnchor(anchor_logits, anchor_labels, ref_logps=anchor_ref_logps)
-        out = ti_dpo_loss(logits, ref_logits, labels, weights, beta=args.beta, alpha=args.alpha, gamma=args.gamma,
-                          triplet_margin=args.triplet_margin, anchor=anchor, kl_coef=args.kl_coef,
-                          ignore_index=IGNORE_INDEX, backend=args.loss_backend)
-        out.metrics["weights/entropy"] = weight_entropy(weights, labels != IGNORE_INDEX)
-        if logits.device.type == "cpu":
-            # Wall time is only meaningful where kernels run synchronously (CPU); on an accelerator it
-            # would need a host sync per step.
-            out.metrics["ti/attribution_seconds"] = torch.tensor(attribution_seconds)
-            self._attribution_seconds = attribution_seconds
+        """The configured loss of one collated batch (a :class:`~tidpo.losses.LossOutput`)."""
+        batch = TrainingBatch(self, model, inputs)
+        out = self.loss_spec.compute(batch)
+        self._attribution_seconds = batch.attribution_seconds
         return out
+
+    def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
+        """The Trainer's micro-batches of one optimiser step; for a token-mean loss, their global token count.
+
+        ``num_items_in_batch`` is then the number of response tokens the loss averages over (the chosen rows'
+        labels, with this trainer's ``ignore_index``) in all micro-batches of the step, summed over processes
+        when ``average_tokens_across_devices`` (the Trainer's default).
+        """
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
+        if self.loss_spec.token_mean and batches:
+            counts = [(b["labels"][:b["labels"].shape[0] // 2, 1:] != self.ignore_index).sum() for b in batches]
+            num_items = torch.stack(counts).sum().to(self.args.device)
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                num_items = self.accelerator.gather(num_items).sum()
+        return batches, num_items
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step; for TI-DPO on CPU also logs ``ti/step_seconds`` and ``ti/attribution_share``.
@@ -254,23 +255,30 @@ class TokenWeightedDPOTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._attribution_seconds is not None:
             seconds = time.perf_counter() - start
-            self._store_metrics({"ti/step_seconds": torch.tensor(seconds),
-                                 "ti/attribution_share": torch.tensor(self._attribution_seconds / seconds)},
-                                "train")
+            self._accumulate_metrics({"ti/step_seconds": metric_total(torch.tensor(seconds)),
+                                      "ti/attribution_share": metric_total(torch.tensor(self._attribution_seconds
+                                                                                        / seconds))}, "train")
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = self.preference_loss(model, inputs)
-        self._store_metrics(out.metrics, "train")
-        return (out.loss, out) if return_outputs else out.loss
+        self._accumulate_metrics(out.metric_totals, "train")
+        loss = out.loss
+        if self.loss_spec.token_mean and num_items_in_batch is not None:
+            # Mean over the tokens of the global batch: DDP averages the gradients over processes, so a
+            # count summed over processes is compensated by the world size.
+            loss = out.loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                loss = loss * self.accelerator.num_processes
+        return (loss, out) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             out = self.preference_loss(model, inputs)
-        self._store_metrics(out.metrics, "eval")
+        self._accumulate_metrics({**out.metric_totals, _LOSS_KEY: out.loss_total}, "eval")
         loss = out.loss.detach()
-        if prediction_loss_only or out.chosen_rewards is None:
+        if prediction_loss_only or not isinstance(out, PreferenceLossOutput):
             return loss, None, None
         # "Predictions": the implicit rewards [B, 2] (chosen, rejected); label 0 = the chosen column.
         rewards = torch.stack([out.chosen_rewards, out.rejected_rewards], dim=1)
@@ -278,51 +286,100 @@ class TokenWeightedDPOTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------------------
     # metrics
-    def _store_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(value.detach().float())
+    def _accumulate_metrics(self, totals: dict[str, MetricTotal], mode: str) -> None:
+        """Add ``{key: (sum, count)}`` to the running totals of ``mode`` (on the device: no sync)."""
+        bucket = self._metric_totals[mode]
+        for key, (total, count) in totals.items():
+            pair = torch.stack([total.float(), count.float()]).to(self.accelerator.device)
+            bucket[key] = bucket[key] + pair if key in bucket else pair
+
+    def _reduce_metrics(self, mode: str) -> dict[str, float]:
+        """The accumulated means of ``mode`` (sums and counts added over processes), then reset."""
+        bucket = self._metric_totals[mode]
+        if not bucket:
+            return {}
+        keys = sorted(bucket)
+        totals = torch.stack([bucket[key] for key in keys])
+        bucket.clear()
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        # The one device-to-host transfer of the metrics.
+        return {key: total / count for key, (total, count) in zip(keys, totals.tolist(), strict=True) if count > 0}
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """``Trainer.evaluate``; the preference metrics come back (and are logged) under its prefix.
+
+        ``eval_dataset`` takes every form the constructor does (rows, files, ``datasets`` objects, a dict of them).
+        """
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._prepare_dataset(d, self.processing_class, self.args, f"eval_dataset[{k!r}]")
+                            for k, d in eval_dataset.items()}
+        else:
+            eval_dataset = self._prepare_dataset(eval_dataset, self.processing_class, self.args, "eval_dataset")
+        self._evaluation_depth += 1
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._evaluation_depth -= 1
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """``Trainer.predict``: the implicit rewards ``[N, 2]`` (chosen, rejected) as predictions, and the metrics.
+
+        ``test_dataset`` takes every form the constructor does.
+        """
+        test_dataset = self._prepare_dataset(test_dataset, self.processing_class, self.args, "test_dataset")
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        """The Trainer's loop (``evaluate`` and ``predict``), plus the exact means over the whole set.
+
+        ``<prefix>_loss`` becomes the mean over pairs (tokens for ``sft``) instead of the Trainer's mean of
+        per-batch means, which weights a short last batch like a full one.
+        """
+        self._metric_totals["eval"].clear()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        means = self._reduce_metrics("eval")
+        output.metrics.update({f"{metric_key_prefix}_{key}": value for key, value in means.items()})
+        return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
-        stored = self._metrics[mode]
-        if stored:
-            keys = sorted(stored)
-            means = torch.stack([torch.stack(stored[key]).mean() for key in keys])
-            if self.accelerator.num_processes > 1:
-                means = self.accelerator.reduce(means, reduction="mean")
-            prefix = "eval_" if mode == "eval" else ""
-            # The one device-to-host transfer of the logged metrics.
-            logs.update({prefix + key: value for key, value in zip(keys, means.tolist(), strict=True)})
-            stored.clear()
+        if self._evaluation_depth == 0:
+            # A training log: the train metrics accumulated since the last one.
+            logs.update(self._reduce_metrics("train"))
         super().log(logs, start_time)
 
 
-_DPO_TYPES = {"dpo": "sigmoid", "ipo": "ipo", "hinge": "hinge"}
+def _collator_ignore_index(collator) -> int:
+    """The label a collator writes where there is no loss term (``ignore_index``; ``-100`` without one)."""
+    value = getattr(collator, "ignore_index", IGNORE_INDEX)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"data_collator.ignore_index must be an int, got {value!r}")
+    return value
 
 
-class SFTOutput(NamedTuple):
-    """``loss`` and logging ``metrics`` of :func:`sft_loss`; no rewards (there is no reference)."""
-
-    loss: torch.Tensor
-    metrics: dict[str, torch.Tensor]
-    chosen_rewards: None = None
-    rejected_rewards: None = None
+def _carries_reference(dataset) -> bool:
+    datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
+    return any(d is not None and REF_LOGPS_COLUMNS[0] in getattr(d, "column_names", ()) for d in datasets)
 
 
-def sft_loss(model: nn.Module, inputs: dict[str, torch.Tensor], backend: str | None = None) -> SFTOutput:
-    """Mean token NLL of the chosen responses: ``L = -sum_t log pi(y_t) / n`` over the B chosen rows.
-
-    Only rows ``[0, B)`` are run through the model (the rejected half is not needed). With
-    ``--reverse`` the data's chosen and rejected are swapped first, so this trains on the rejected
-    responses: the two SFT models of the TIS-DPO(S) contrastive pair (METHODS.md §2.5).
-    """
-    num_pairs = inputs["input_ids"].shape[0] // 2
-    labels = inputs["labels"][:num_pairs, 1:]
-    logits = model(input_ids=inputs["input_ids"][:num_pairs], attention_mask=inputs["attention_mask"][:num_pairs],
-                   use_cache=False).logits[:, :-1]
-    logps = token_logps(logits, labels, IGNORE_INDEX, backend=backend)
-    count = (labels != IGNORE_INDEX).sum()
-    loss = -logps.sum() / count.clamp(min=1)
-    per_row = logps.sum(-1).detach()
-    return SFTOutput(loss, {"sft/nll": loss.detach(), "logps/chosen": per_row.mean(),
-                            "sft/tokens": count.detach().float()})
+def _check_reference_sources(args: TokenWeightedDPOConfig, ref_model, train_dataset, eval_dataset) -> None:
+    """Refuse two sources of the reference where one would silently win over the other."""
+    carried = [name for name, d in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
+               if _carries_reference(d)]
+    if not carried:
+        return
+    columns = " / ".join(repr(c) for c in REF_LOGPS_COLUMNS)
+    where = " and ".join(carried)
+    if ref_model is not None:
+        raise ValueError(f"{where} carries precomputed reference log-probs ({columns}) and ref_model is given: "
+                         "the trainer would use the columns and never the ref_model. Pass one reference: drop "
+                         "ref_model, or drop the columns from the data")
+    if args.precompute_ref_logps:
+        raise ValueError(f"{where} already carries precomputed reference log-probs ({columns}); "
+                         "precompute_ref_logps=True would compute them again and replace them: drop one")
+    if args.reference_need == REFERENCE_LOGITS:
+        raise ValueError(f"{where} carries precomputed reference log-probs ({columns}), but loss={args.loss!r}"
+                         f"{' with token_level' if args.token_level else ''} needs the reference's full "
+                         "distribution at every step and would not use them: drop the columns")

@@ -86,9 +86,12 @@ def ti_dpo_token_weights(model: nn.Module, input_ids: torch.Tensor, attention_ma
     return torch.where(response, weights, torch.zeros_like(weights)).detach()
 
 
-def weight_entropy(weights: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of the entropy of ``p = w / sum(w)`` over the masked tokens (0-dim, detached)."""
+def weight_entropy(weights: torch.Tensor, mask: torch.Tensor, *, per_row: bool = False) -> torch.Tensor:
+    """Entropy (nats) of ``p = w / sum(w)`` over each row's masked tokens, detached.
+
+    Returns the mean over rows (0-dim), or the ``[rows]`` values with ``per_row=True``.
+    """
     w = torch.where(mask, weights.float(), torch.zeros_like(weights, dtype=torch.float32))
     p = w / w.sum(-1, keepdim=True).clamp(min=1e-12)
-    h = -(torch.where(p > 0, p * p.clamp(min=1e-12).log(), torch.zeros_like(p))).sum(-1)
-    return h.mean().detach()
+    h = -(torch.where(p > 0, p * p.clamp(min=1e-12).log(), torch.zeros_like(p))).sum(-1).detach()
+    return h if per_row else h.mean()
