@@ -23,16 +23,18 @@ One Triton program per position (row):
 Either input may be the policy: TDPO / TI-DPO differentiate ``q`` (``KL(ref || policy)``), TIS-DPO's
 token-level branch differentiates ``p`` (``KL(policy || ref)``).
 
--inf logits (a masked vocabulary): entries with ``p_v == 0`` contribute 0 (never ``0 * inf = NaN``),
-tiles that are entirely -inf so far leave the running values at 0, and logit gaps beyond fp32's
-``exp`` range (> 104 nats) stay finite: nothing is computed as ``log(softmax)``. ``p_v > 0`` where
-``q_v == 0`` gives ``KL = +inf``, as it should.
+-inf logits (a masked vocabulary), the same convention as the torch path whatever the tiling: an entry whose
+``p_v`` is 0 in fp32 contributes 0 (never ``0 * inf = NaN``) — also when it had mass against the running max
+of an earlier tile and a later max makes it underflow —, tiles that are entirely -inf so far leave the running
+values at 0, and logit gaps beyond fp32's ``exp`` range (> 104 nats) stay finite: nothing is computed as
+``log(softmax)``. ``p_v > 0`` where ``q_v == 0`` gives ``KL = +inf``, as it should.
 
 Ignored positions (``label == ignore_index``) do no vocabulary work in forward: ``kl = 0`` and
 ``lse_p = lse_q = 0`` (placeholders). Backward writes zero gradient rows there without reading the
 logits. Labels are only compared with ``ignore_index`` (their value is not otherwise used).
 
-Logits: ``[N, V]`` or ``[R, T, V]``, both of the same shape and dtype (fp32/fp16/bf16), each with its own
+Logits: ``[N, V]`` or ``[R, T, V]``, both of the same shape, each in its own dtype (fp32/fp16/bf16: fp32
+policy logits beside a bf16 reference are read as they are, the math is fp32 either way) and with its own
 leading strides (e.g. the view ``policy_logits[:, :-1]`` next to a contiguous reference: read where they
 lie, never copied), unit stride along V. Offsets are int64 (``program_id`` is widened before any stride
 multiply), so N * V > 2**31 is safe.
@@ -49,19 +51,22 @@ import torch
 import triton
 import triton.language as tl
 
-from .logps import (
-    _TRITON_DTYPE,
+from tidpo._validation import IGNORE_INDEX
+
+from ._launch import (
+    FLOAT_DTYPES,
     LABEL_DTYPES,
     LOGITS_DTYPES,
-    _check_ignore_index,
-    _check_logits,
-    _check_runnable,
-    _is_interpreted,
-    _on_device,
-    _row_strides,
+    check_ignore_index,
+    check_kernel_logits,
+    check_runnable,
+    compile_entries,
+    is_interpreted,
+    on_device,
+    row_strides,
+    tile_config,
 )
-from .logps import _check_per_position as _check_logps_per_position
-from .logps import _config as _checked_overrides
+from ._launch import check_per_position as _check_per_position_of
 
 __all__ = [
     "INTERPRETED",
@@ -80,17 +85,18 @@ __all__ = [
 MAX_BLOCK_V = 4096
 
 
-def kernel_config(vocab: int) -> tuple[int, int]:
-    """``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab`` entries.
+#: Values of each row's tile a thread holds (16 in all): 4096 -> 16 warps, 2048 -> 8, 1024 -> 4, <= 256 -> 1.
+VALUES_PER_THREAD = 8
+
+
+def kernel_config(vocab: int, block_v: int | None = None, num_warps: int | None = None) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab`` entries (``block_v`` / ``num_warps`` override).
 
     ``BLOCK_V = min(next_pow2(V), 4096)`` (at least 16); ``num_warps = BLOCK_V / 256`` in [1, 16]: each
     thread holds 8 values of each row (16 in all, as in the log-prob kernels). Fixed configs, no
     autotuning; chosen from the kernels' structure (bandwidth-bound streaming), not yet tuned on a GPU.
     """
-    block = min(triton.next_power_of_2(max(int(vocab), 1)), MAX_BLOCK_V)
-    block = max(block, 16)
-    warps = max(1, min(16, block // 256))  # 4096 -> 16 warps, 2048 -> 8, 1024 -> 4, <= 256 -> 1
-    return block, warps
+    return tile_config(vocab, MAX_BLOCK_V, VALUES_PER_THREAD, block_v, num_warps)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -146,7 +152,9 @@ def _token_kl_fwd_kernel(
         # so no -inf - (-inf) = NaN and no 0 * inf is ever formed (b = -inf where p_v > 0 gives +inf).
         p_pos = e_p > 0.0
         d = tl.where(p_pos, a, 0.0) - tl.where(p_pos, b, 0.0)
-        acc = acc * alpha_p + tl.sum(e_p * d, axis=0)
+        # When the max jumps so far that alpha_p underflows to 0, the earlier entries' probabilities are 0 in
+        # fp32: they contribute 0, as they would have in one tile (never +inf * 0 = NaN from an earlier -inf q).
+        acc = tl.where(alpha_p > 0.0, acc * alpha_p, 0.0) + tl.sum(e_p * d, axis=0)
         s_p = s_p * alpha_p + tl.sum(e_p, axis=0)
         m_p = new_mp
 
@@ -232,7 +240,7 @@ def _token_kl_bwd_kernel(
 
 
 # True when this module was imported with TRITON_INTERPRET=1 (kernels run on CPU tensors, tests only).
-INTERPRETED = _is_interpreted(_token_kl_fwd_kernel)
+INTERPRETED = is_interpreted(_token_kl_fwd_kernel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,44 +249,30 @@ INTERPRETED = _is_interpreted(_token_kl_fwd_kernel)
 
 
 def _check_pair(p_logits, q_logits) -> None:
-    """Both logits valid for the kernels, and of one shape, dtype and device."""
-    _check_logits(p_logits, "p_logits")
-    _check_logits(q_logits, "q_logits")
+    """Both logits readable by the kernels (each in its own dtype), of one shape and on one device."""
+    check_kernel_logits(p_logits, "p_logits")
+    check_kernel_logits(q_logits, "q_logits")
     if tuple(q_logits.shape) != tuple(p_logits.shape):
         raise ValueError(
             f"q_logits shape {tuple(q_logits.shape)} does not match p_logits shape {tuple(p_logits.shape)}"
-        )
-    if q_logits.dtype != p_logits.dtype:
-        raise TypeError(
-            f"q_logits dtype {q_logits.dtype} does not match p_logits dtype {p_logits.dtype}; the KL kernels "
-            "take both logits in one dtype (cast one, or use backend='torch')"
         )
     if q_logits.device != p_logits.device:
         raise ValueError(f"q_logits is on {q_logits.device} but p_logits is on {p_logits.device}")
 
 
 # Per-position arguments (labels, lse_p, lse_q, kl, grad_kl) are checked against p_logits, named so in messages.
-_check_per_position = functools.partial(_check_logps_per_position, logits_name="p_logits")
-
-
-def _config(vocab: int, block_v: int | None, num_warps: int | None) -> tuple[int, int]:
-    block, warps = kernel_config(vocab)
-    checked_block, checked_warps = _checked_overrides(vocab, block_v, num_warps)  # validates overrides
-    return (block if block_v is None else checked_block), (warps if num_warps is None else checked_warps)
-
-
+_check_per_position = functools.partial(_check_per_position_of, logits_name="p_logits")
 _LABELS_KIND = "an integer tensor of token ids"
-_GRAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-def token_kl_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+def token_kl_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                  *, block_v: int | None = None,
                  num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-position ``KL(softmax(p_logits) || softmax(q_logits))``; one read of each logits row.
 
     Args:
-        p_logits, q_logits: ``[N, V]`` or ``[R, T, V]`` of one shape and dtype (float32/float16/bfloat16),
-            unit stride along V; leading strides may differ between them.
+        p_logits, q_logits: ``[N, V]`` or ``[R, T, V]`` of one shape, each float32/float16/bfloat16 (the two
+            may differ), unit stride along V; leading strides may differ between them.
         labels: int64 or int32, shape ``p_logits.shape[:-1]``; positions equal to ``ignore_index`` are skipped.
         ignore_index: label of positions to skip (``kl = lse_p = lse_q = 0`` there).
         block_v, num_warps: override :func:`kernel_config` (tests, tuning).
@@ -289,9 +283,9 @@ def token_kl_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.T
     """
     _check_pair(p_logits, q_logits)
     _check_per_position(labels, p_logits, "labels", LABEL_DTYPES, _LABELS_KIND)
-    ignore_index = _check_ignore_index(ignore_index)
-    block, warps = _config(p_logits.shape[-1], block_v, num_warps)
-    _check_runnable(p_logits, "p_logits")
+    ignore_index = check_ignore_index(ignore_index)
+    block, warps = kernel_config(p_logits.shape[-1], block_v, num_warps)
+    check_runnable(p_logits, INTERPRETED, "p_logits")
 
     labels_c = labels.contiguous()  # [N] ints: tiny next to the logits
     kl = torch.empty(labels.shape, dtype=torch.float32, device=p_logits.device)
@@ -300,9 +294,9 @@ def token_kl_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.T
     n = labels.numel()
     if n == 0:
         return kl, lse_p, lse_q
-    T, stride_pr, stride_pt = _row_strides(p_logits)
-    _, stride_qr, stride_qt = _row_strides(q_logits)
-    with _on_device(p_logits):
+    T, stride_pr, stride_pt = row_strides(p_logits)
+    _, stride_qr, stride_qt = row_strides(q_logits)
+    with on_device(p_logits):
         _token_kl_fwd_kernel[(n,)](
             p_logits, q_logits, labels_c, kl, lse_p, lse_q,
             T, p_logits.shape[-1], stride_pr, stride_pt, stride_qr, stride_qt, ignore_index,
@@ -312,7 +306,7 @@ def token_kl_fwd(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.T
 
 
 def token_kl_bwd(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tensor, lse_p: torch.Tensor,
-                 lse_q: torch.Tensor, kl: torch.Tensor, grad_kl: torch.Tensor, ignore_index: int = -100, *,
+                 lse_q: torch.Tensor, kl: torch.Tensor, grad_kl: torch.Tensor, ignore_index: int = IGNORE_INDEX, *,
                  need_dp: bool = True, need_dq: bool = True, block_v: int | None = None,
                  num_warps: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``sum_i g_i KL_i`` w.r.t. the logits asked for; zero rows where ignored.
@@ -327,38 +321,35 @@ def token_kl_bwd(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.T
         need_dp, need_dq: which gradients to compute (at least one).
 
     Returns:
-        ``(dp_logits, dq_logits)``, each a fresh contiguous ``[*, V]`` tensor in the logits' dtype, or
+        ``(dp_logits, dq_logits)``, each a fresh contiguous ``[*, V]`` tensor in its input's dtype, or
         None where not asked for.
     """
     _check_pair(p_logits, q_logits)
     _check_per_position(labels, p_logits, "labels", LABEL_DTYPES, _LABELS_KIND)
     for name, x in (("lse_p", lse_p), ("lse_q", lse_q), ("kl", kl)):
         _check_per_position(x, p_logits, name, (torch.float32,), "the float32 output of token_kl_fwd")
-    _check_per_position(grad_kl, p_logits, "grad_kl", _GRAD_DTYPES, "floating point")
-    ignore_index = _check_ignore_index(ignore_index)
+    _check_per_position(grad_kl, p_logits, "grad_kl", FLOAT_DTYPES, "floating point")
+    ignore_index = check_ignore_index(ignore_index)
     for name, flag in (("need_dp", need_dp), ("need_dq", need_dq)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if not (need_dp or need_dq):
         raise ValueError("need_dp and need_dq are both False: there is no gradient to compute")
-    block, warps = _config(p_logits.shape[-1], block_v, num_warps)
-    _check_runnable(p_logits, "p_logits")
+    block, warps = kernel_config(p_logits.shape[-1], block_v, num_warps)
+    check_runnable(p_logits, INTERPRETED, "p_logits")
 
-    def fresh():
-        return torch.empty(p_logits.shape, dtype=p_logits.dtype, device=p_logits.device)
-
-    dp = fresh() if need_dp else None
-    dq = fresh() if need_dq else None
+    dp = torch.empty(p_logits.shape, dtype=p_logits.dtype, device=p_logits.device) if need_dp else None
+    dq = torch.empty(q_logits.shape, dtype=q_logits.dtype, device=q_logits.device) if need_dq else None
     n = labels.numel()
     if n == 0:
         return dp, dq
     labels_c = labels.contiguous()
     grad_c = grad_kl.to(torch.float32).contiguous()  # [N]: the sum's expanded grad has stride 0
-    T, stride_pr, stride_pt = _row_strides(p_logits)
-    _, stride_qr, stride_qt = _row_strides(q_logits)
+    T, stride_pr, stride_pt = row_strides(p_logits)
+    _, stride_qr, stride_qt = row_strides(q_logits)
     out = dp if dp is not None else dq
-    _, stride_dr, stride_dt = _row_strides(out)  # dp and dq: fresh, contiguous, one shape
-    with _on_device(p_logits):
+    _, stride_dr, stride_dt = row_strides(out)  # dp and dq: fresh, contiguous, one shape
+    with on_device(p_logits):
         _token_kl_bwd_kernel[(n,)](
             p_logits, q_logits, labels_c, lse_p.contiguous(), lse_q.contiguous(), kl.contiguous(), grad_c,
             dp if dp is not None else out, dq if dq is not None else out,
@@ -373,44 +364,38 @@ def token_kl_bwd(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.T
 # ----------------------------------------------------------------------------------------------
 
 GRAD_FLAGS = ((True, False), (False, True), (True, True))  # (NEED_DP, NEED_DQ) as the launcher takes them
+# Each kernel's arguments, in order, with their Triton types ("{p}" / "{q}" / "{labels}": the variant's dtypes).
+_FWD_ARGS = {"p_ptr": "*{p}", "q_ptr": "*{q}", "labels_ptr": "*{labels}", "kl_ptr": "*fp32", "lse_p_ptr": "*fp32",
+             "lse_q_ptr": "*fp32", "T": "i32", "V": "i32", "stride_pr": "i64", "stride_pt": "i64",
+             "stride_qr": "i64", "stride_qt": "i64", "ignore_index": "i32", "BLOCK_V": "constexpr"}
+_BWD_ARGS = {"p_ptr": "*{p}", "q_ptr": "*{q}", "labels_ptr": "*{labels}", "lse_p_ptr": "*fp32", "lse_q_ptr": "*fp32",
+             "kl_ptr": "*fp32", "grad_ptr": "*fp32", "dp_ptr": "*{p}", "dq_ptr": "*{q}", "T": "i32", "V": "i32",
+             "stride_pr": "i64", "stride_pt": "i64", "stride_qr": "i64", "stride_qt": "i64", "stride_dr": "i64",
+             "stride_dt": "i64", "ignore_index": "i32", "BLOCK_V": "constexpr", "NEED_DP": "constexpr",
+             "NEED_DQ": "constexpr"}
+# Mixed pairs compiled too: an fp32 policy (accelerate's convert_outputs_to_fp32) beside a half-precision
+# reference, and the reverse (TIS-DPO's KL(policy || ref) puts the policy first). Labels int64 for these.
+_MIXED = [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+          (torch.float16, torch.float32)]
 
 
 def compile_signatures(vocab: int = 128256) -> list[dict]:
     """Every kernel variant as ``triton.compile`` inputs, for a vocabulary of ``vocab``.
 
-    One entry per (kernel, logits dtype, labels dtype[, (NEED_DP, NEED_DQ)]) with the keys of
-    :func:`tidpo.kernels.logps.compile_signatures` (``name``, ``fn``, ``signature``, ``constexprs``,
-    ``attrs``, ``options``). Strides are i64 (the N * V > 2**31 case); options match the launchers.
+    One entry per (kernel, p dtype, q dtype, labels dtype[, (NEED_DP, NEED_DQ)]): both logits in one dtype
+    with either labels dtype, and the mixed pairs :data:`_MIXED` (see
+    :func:`tidpo.kernels._launch.compile_entries` for the keys). Options match the launchers.
     """
-    if _is_interpreted(_token_kl_fwd_kernel):
+    if is_interpreted(_token_kl_fwd_kernel):
         raise RuntimeError("compile_signatures needs the compiled kernels; unset TRITON_INTERPRET")
     block, warps = kernel_config(vocab)
-    aligned = [["tt.divisibility", 16]]
-    options = {"num_warps": warps, "enable_fp_fusion": True}
-    strides = {"stride_pr": "i64", "stride_pt": "i64", "stride_qr": "i64", "stride_qt": "i64"}
-    out = []
-    for ldt in LOGITS_DTYPES:
-        x = "*" + _TRITON_DTYPE[ldt]
-        for ydt in LABEL_DTYPES:
-            y = "*" + _TRITON_DTYPE[ydt]
-            names = ["p_ptr", "q_ptr", "labels_ptr", "kl_ptr", "lse_p_ptr", "lse_q_ptr"]
-            sig = dict(zip(names, [x, x, y, "*fp32", "*fp32", "*fp32"], strict=True))
-            sig.update(T="i32", V="i32", **strides, ignore_index="i32", BLOCK_V="constexpr")
-            out.append({
-                "name": f"fwd[{_TRITON_DTYPE[ldt]},{_TRITON_DTYPE[ydt]}]",
-                "fn": _token_kl_fwd_kernel, "signature": sig, "constexprs": {"BLOCK_V": block},
-                "attrs": {(i,): aligned for i in range(len(names))}, "options": options,
-            })
-            for need_dp, need_dq in GRAD_FLAGS:
-                names = ["p_ptr", "q_ptr", "labels_ptr", "lse_p_ptr", "lse_q_ptr", "kl_ptr", "grad_ptr",
-                         "dp_ptr", "dq_ptr"]
-                sig = dict(zip(names, [x, x, y, "*fp32", "*fp32", "*fp32", "*fp32", x, x], strict=True))
-                sig.update(T="i32", V="i32", **strides, stride_dr="i64", stride_dt="i64", ignore_index="i32",
-                           BLOCK_V="constexpr", NEED_DP="constexpr", NEED_DQ="constexpr")
-                out.append({
-                    "name": f"bwd[{_TRITON_DTYPE[ldt]},{_TRITON_DTYPE[ydt]},dp={need_dp},dq={need_dq}]",
-                    "fn": _token_kl_bwd_kernel, "signature": sig,
-                    "constexprs": {"BLOCK_V": block, "NEED_DP": need_dp, "NEED_DQ": need_dq},
-                    "attrs": {(i,): aligned for i in range(len(names))}, "options": options,
-                })
-    return out
+    combos = [(x, x, y) for x in LOGITS_DTYPES for y in LABEL_DTYPES] + [(p, q, torch.int64) for p, q in _MIXED]
+    roles = {"p": tuple(c[0] for c in combos), "q": tuple(c[1] for c in combos), "labels": tuple(c[2] for c in combos)}
+    common = {"dtype_roles": roles, "constexprs": {"BLOCK_V": block},
+              "options": {"num_warps": warps, "enable_fp_fusion": True}}
+    forward = compile_entries(_token_kl_fwd_kernel, _FWD_ARGS, {}, name="fwd", **common)
+    backward = [e for e in compile_entries(_token_kl_bwd_kernel, _BWD_ARGS,
+                                           {"NEED_DP": (False, True), "NEED_DQ": (False, True)}, name="bwd",
+                                           **common)
+                if e["constexprs"]["NEED_DP"] or e["constexprs"]["NEED_DQ"]]
+    return forward + backward

@@ -31,11 +31,27 @@ no host synchronisation.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from tidpo._validation import IGNORE_INDEX
+
+from ._launch import (
+    FLOAT_DTYPES,
+    LABEL_DTYPES,
+    LOGITS_DTYPES,
+    check_ignore_index,
+    check_kernel_logits,
+    check_per_position,
+    check_runnable,
+    compile_entries,
+    is_interpreted,
+    on_device,
+    row_strides,
+    rows_overlap,
+    tile_config,
+)
 
 __all__ = [
     "INTERPRETED",
@@ -47,9 +63,6 @@ __all__ = [
     "token_logps_fwd",
 ]
 
-LOGITS_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LABEL_DTYPES = (torch.int64, torch.int32)
-
 # Largest vocabulary tile. The kernels stream memory: each element is loaded once, costs one exp and
 # a few FMAs, and the tile's max/sum reductions (cross-warp, through shared memory) are paid once per
 # tile. Large tiles amortise those reductions and the loop overhead and keep many 16-byte loads in
@@ -59,18 +72,19 @@ LABEL_DTYPES = (torch.int64, torch.int32)
 MAX_BLOCK_V = 8192
 
 
-def kernel_config(vocab: int) -> tuple[int, int]:
-    """``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab`` entries.
+#: Values of a tile each thread holds: 8192 -> 16 warps, 4096 -> 8, 2048 -> 4.
+VALUES_PER_THREAD = 16
+
+
+def kernel_config(vocab: int, block_v: int | None = None, num_warps: int | None = None) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` for a vocabulary of ``vocab`` entries (``block_v`` / ``num_warps`` override).
 
     ``BLOCK_V = min(next_pow2(V), 8192)``; warps grow with the tile so each thread holds 16 values
     (several independent 16-byte loads in flight to hide latency, few enough registers -- 32 to 60
     per thread, no spills on sm_80/sm_90 -- for two or more programs per SM). Fixed configs, no
     autotuning; chosen from the kernels' structure (bandwidth-bound streaming), not yet tuned on a GPU.
     """
-    block = min(triton.next_power_of_2(max(int(vocab), 1)), MAX_BLOCK_V)
-    block = max(block, 16)
-    warps = max(1, min(16, block // 512))  # 16 values per thread: 8192 -> 16 warps, 4096 -> 8, 2048 -> 4
-    return block, warps
+    return tile_config(vocab, MAX_BLOCK_V, VALUES_PER_THREAD, block_v, num_warps)
 
 
 @triton.jit(do_not_specialize=["ignore_index"])
@@ -190,13 +204,10 @@ def _token_logps_bwd_kernel(
         tl.store(out_ptr + cols, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
-def _is_interpreted(kernel) -> bool:
-    return not isinstance(kernel, triton.runtime.JITFunction)
-
-
 # True when this module was imported with TRITON_INTERPRET=1: the kernels then run on CPU tensors in
 # the Triton interpreter (tests), and only there.
-INTERPRETED = _is_interpreted(_token_logps_fwd_kernel)
+INTERPRETED = is_interpreted(_token_logps_fwd_kernel)
+_LABELS_KIND = "an integer tensor of token ids"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,92 +215,7 @@ INTERPRETED = _is_interpreted(_token_logps_fwd_kernel)
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_logits(logits, name: str = "logits") -> None:
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in LOGITS_DTYPES:
-        raise TypeError(
-            f"{name} must be float32, float16 or bfloat16 for the Triton kernels, got {logits.dtype} "
-            "(use backend='torch' for other dtypes)"
-        )
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"{name} must have shape [N, V] or [R, T, V], got {tuple(logits.shape)}")
-    if logits.shape[-1] < 1:
-        raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(logits.shape)}")
-    if logits.shape[-1] > 1 and logits.stride(-1) != 1:
-        raise ValueError(
-            f"{name} must have unit stride along the vocabulary (last) dimension, got strides "
-            f"{tuple(logits.stride())}; the kernels read rows in place and never copy the logits"
-        )
-
-
-def _check_runnable(logits: torch.Tensor, name: str = "logits") -> None:
-    """Last check (so every other argument error shows on CPU too): can the kernels run here?"""
-    if logits.device.type != "cuda" and not (INTERPRETED and logits.device.type == "cpu"):
-        raise ValueError(
-            f"{name} is on {logits.device}; the Triton kernels need CUDA tensors "
-            "(or CPU tensors with TRITON_INTERPRET=1 set before tidpo.kernels is imported)"
-        )
-
-
-def _check_per_position(x, logits: torch.Tensor, name: str, dtypes, kind: str, logits_name: str = "logits") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in dtypes:
-        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise TypeError(f"{name} must be {kind} ({allowed}), got {x.dtype}")
-    if tuple(x.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
-            f"{name} shape {tuple(x.shape)} does not match {logits_name} shape {tuple(logits.shape)} "
-            f"without its vocabulary dimension ({tuple(logits.shape[:-1])})"
-        )
-    if x.device != logits.device:
-        raise ValueError(f"{name} is on {x.device} but {logits_name} is on {logits.device}")
-
-
-def _check_ignore_index(ignore_index) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    return ignore_index
-
-
-def _config(vocab: int, block_v: int | None, num_warps: int | None) -> tuple[int, int]:
-    block, warps = kernel_config(vocab)
-    if block_v is not None:
-        if isinstance(block_v, bool) or not isinstance(block_v, int) or block_v < 16 or block_v & (block_v - 1):
-            raise ValueError(f"block_v must be a power of two >= 16, got {block_v!r}")
-        block = block_v
-    if num_warps is not None:
-        if isinstance(num_warps, bool) or not isinstance(num_warps, int) or num_warps not in (1, 2, 4, 8, 16, 32):
-            raise ValueError(f"num_warps must be a power of two in [1, 32], got {num_warps!r}")
-        warps = num_warps
-    return block, warps
-
-
-def _on_device(x: torch.Tensor):
-    """Launch on ``x``'s GPU (Triton launches on the current device, which may be another one)."""
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _row_strides(x: torch.Tensor) -> tuple[int, int, int]:
-    """``(T, stride_r, stride_t)`` so that position ``pid`` is row ``(pid // T, pid % T)``."""
-    if x.dim() == 2:
-        return max(x.shape[0], 1), 0, x.stride(0)
-    return max(x.shape[1], 1), x.stride(0), x.stride(1)
-
-
-def _rows_overlap(x: torch.Tensor) -> bool:
-    """Whether two positions of ``x`` share memory (e.g. an ``expand``-ed tensor)."""
-    dims = sorted((x.stride(d), x.shape[d]) for d in range(x.dim() - 1) if x.shape[d] > 1)
-    extent = x.shape[-1]  # elements spanned by one position (unit stride along V)
-    for stride, size in dims:
-        if stride < extent:
-            return True
-        extent = stride * (size - 1) + extent
-    return False
-
-
-def token_logps_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, *,
+def token_logps_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, *,
                     with_entropy: bool = False, block_v: int | None = None,
                     num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-token ``logp``, ``lse`` (and entropy) of ``logits`` at ``labels``; one read of the logits.
@@ -305,11 +231,11 @@ def token_logps_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
         ``(logps, lse, entropy)``: fp32 tensors shaped like ``labels``; ``entropy`` is None unless
         ``with_entropy``. ``lse`` is 0 (a placeholder) at ignored positions.
     """
-    _check_logits(logits)
-    _check_per_position(labels, logits, "labels", LABEL_DTYPES, "an integer tensor of token ids")
-    ignore_index = _check_ignore_index(ignore_index)
-    block, warps = _config(logits.shape[-1], block_v, num_warps)
-    _check_runnable(logits)
+    check_kernel_logits(logits)
+    check_per_position(labels, logits, "labels", LABEL_DTYPES, _LABELS_KIND)
+    ignore_index = check_ignore_index(ignore_index)
+    block, warps = kernel_config(logits.shape[-1], block_v, num_warps)
+    check_runnable(logits, INTERPRETED)
 
     labels_c = labels.contiguous()  # [N] ints: tiny next to the logits
     logps = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
@@ -318,8 +244,8 @@ def token_logps_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     n = labels.numel()
     if n == 0:
         return logps, lse, entropy
-    T, stride_r, stride_t = _row_strides(logits)
-    with _on_device(logits):
+    T, stride_r, stride_t = row_strides(logits)
+    with on_device(logits):
         _token_logps_fwd_kernel[(n,)](
             logits, labels_c, logps, lse, entropy if with_entropy else logps,
             T, logits.shape[-1], stride_r, stride_t, ignore_index,
@@ -329,7 +255,7 @@ def token_logps_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
 
 
 def token_logps_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logps: torch.Tensor,
-                    ignore_index: int = -100, *, seq_grad: torch.Tensor | None = None,
+                    ignore_index: int = IGNORE_INDEX, *, seq_grad: torch.Tensor | None = None,
                     weights: torch.Tensor | None = None, segments: torch.Tensor | None = None,
                     inplace: bool = False, block_v: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """``dlogits = g * (onehot(label) - softmax(logits))`` per position; 0 rows where ignored.
@@ -355,16 +281,15 @@ def token_logps_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tenso
         ``dlogits`` in the logits' dtype: a fresh contiguous ``[*, V]`` tensor, or ``logits`` itself
         when ``inplace``.
     """
-    _check_logits(logits)
-    _check_per_position(labels, logits, "labels", LABEL_DTYPES, "an integer tensor of token ids")
-    _check_per_position(lse, logits, "lse", (torch.float32,), "the float32 log-sum-exp from the forward")
-    _check_per_position(grad_logps, logits, "grad_logps", (torch.float32, torch.float16, torch.bfloat16,
-                                                           torch.float64), "floating point")
-    ignore_index = _check_ignore_index(ignore_index)
-    if inplace and _rows_overlap(logits):
+    check_kernel_logits(logits)
+    check_per_position(labels, logits, "labels", LABEL_DTYPES, _LABELS_KIND)
+    check_per_position(lse, logits, "lse", (torch.float32,), "the float32 log-sum-exp from the forward")
+    check_per_position(grad_logps, logits, "grad_logps", FLOAT_DTYPES, "floating point")
+    ignore_index = check_ignore_index(ignore_index)
+    if inplace and rows_overlap(logits):
         raise ValueError("logits has overlapping rows (e.g. expand()-ed); inplace=True cannot write into it")
-    block, warps = _config(logits.shape[-1], block_v, num_warps)
-    _check_runnable(logits)
+    block, warps = kernel_config(logits.shape[-1], block_v, num_warps)
+    check_runnable(logits, INTERPRETED)
 
     labels_c = labels.contiguous()
     weights_c, segments_c, seq_grad_c = _sequence_args(logits, labels, seq_grad, weights, segments)
@@ -374,9 +299,9 @@ def token_logps_bwd(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tenso
     n = labels.numel()
     if n == 0:
         return dlogits
-    T, stride_r, stride_t = _row_strides(logits)
-    _, stride_dr, stride_dt = _row_strides(dlogits)
-    with _on_device(logits):
+    T, stride_r, stride_t = row_strides(logits)
+    _, stride_dr, stride_dt = row_strides(dlogits)
+    with on_device(logits):
         _token_logps_bwd_kernel[(n,)](
             logits, labels_c, lse_c, grad_c, dlogits,
             weights_c if weights_c is not None else grad_c,  # unread placeholders without HAS_SEQ_GRAD
@@ -404,13 +329,12 @@ def _sequence_args(logits, labels, seq_grad, weights, segments):
             raise ValueError(f"seq_grad has {seq_grad.shape[0]} entries; without segments it needs one per row of "
                              f"3-D logits (shape {tuple(logits.shape)})")
     else:
-        _check_per_position(segments, logits, "segments", LABEL_DTYPES, "an integer tensor of sequence ids")
+        check_per_position(segments, logits, "segments", LABEL_DTYPES, "an integer tensor of sequence ids")
         segments = segments.to(torch.int64).contiguous()
     if weights is None:
         weights = torch.ones(labels.shape, dtype=torch.float32, device=logits.device)
     else:
-        _check_per_position(weights, logits, "weights", (torch.float32, torch.float16, torch.bfloat16,
-                                                         torch.float64), "floating point")
+        check_per_position(weights, logits, "weights", FLOAT_DTYPES, "floating point")
     return weights.to(torch.float32).contiguous(), segments, seq_grad.to(torch.float32).contiguous()
 
 
@@ -418,52 +342,36 @@ def _sequence_args(logits, labels, seq_grad, weights, segments):
 # Compile signatures (compile-only tests: triton.compile every variant without a GPU)
 # ----------------------------------------------------------------------------------------------
 
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                 torch.int64: "i64", torch.int32: "i32"}
+# Each kernel's arguments, in order, with their Triton types ("{logits}" / "{labels}": the variant's dtypes).
+# Strides are i64 (the N * V > 2**31 case).
+_FWD_ARGS = {"logits_ptr": "*{logits}", "labels_ptr": "*{labels}", "logps_ptr": "*fp32", "lse_ptr": "*fp32",
+             "entropy_ptr": "*fp32", "T": "i32", "V": "i32", "stride_r": "i64", "stride_t": "i64",
+             "ignore_index": "i32", "BLOCK_V": "constexpr", "HAS_ENTROPY": "constexpr"}
+_BWD_ARGS = {"logits_ptr": "*{logits}", "labels_ptr": "*{labels}", "lse_ptr": "*fp32", "grad_ptr": "*fp32",
+             "dlogits_ptr": "*{logits}", "weights_ptr": "*fp32", "segments_ptr": "*i64", "seq_grad_ptr": "*fp32",
+             "T": "i32", "V": "i32", "stride_r": "i64", "stride_t": "i64", "stride_dr": "i64", "stride_dt": "i64",
+             "ignore_index": "i32", "BLOCK_V": "constexpr", "HAS_SEQ_GRAD": "constexpr", "HAS_SEGMENTS": "constexpr"}
 
 
 def compile_signatures(vocab: int = 128256) -> list[dict]:
     """Every kernel variant as ``triton.compile`` inputs, for a vocabulary of ``vocab``.
 
-    One entry per (kernel, logits dtype, labels dtype[, HAS_ENTROPY]) with keys ``name``, ``fn``
-    (the ``JITFunction``), ``signature`` (argument name -> Triton type, ``"constexpr"`` for constexprs),
-    ``constexprs``, ``attrs`` (16-byte alignment of the pointers, as the JIT specialises torch
-    allocations) and ``options`` (``num_warps`` from :func:`kernel_config`, FP fusion as launched). Use as
-    ``triton.compile(ASTSource(e["fn"], e["signature"], e["constexprs"], e["attrs"]), target=...,
-    options=e["options"])``. Strides are i64 (the N * V > 2**31 case); options match the launchers.
+    One entry per (kernel, logits dtype, labels dtype, flags): the forward with and without entropy; the
+    backward plain, with the pair reduction over padded rows, and over packed segments (see
+    :func:`tidpo.kernels._launch.compile_entries` for the keys). Options match the launchers.
     """
-    if _is_interpreted(_token_logps_fwd_kernel):
+    if is_interpreted(_token_logps_fwd_kernel):
         raise RuntimeError("compile_signatures needs the compiled kernels; unset TRITON_INTERPRET")
     block, warps = kernel_config(vocab)
-    aligned = [["tt.divisibility", 16]]
     options = {"num_warps": warps, "enable_fp_fusion": True}
-    out = []
-    for ldt in LOGITS_DTYPES:
-        x = "*" + _TRITON_DTYPE[ldt]
-        for ydt in LABEL_DTYPES:
-            y = "*" + _TRITON_DTYPE[ydt]
-            for has_entropy in (False, True):
-                names = ["logits_ptr", "labels_ptr", "logps_ptr", "lse_ptr", "entropy_ptr"]
-                sig = dict(zip(names, [x, y, "*fp32", "*fp32", "*fp32"], strict=True))
-                sig.update(T="i32", V="i32", stride_r="i64", stride_t="i64", ignore_index="i32",
-                           BLOCK_V="constexpr", HAS_ENTROPY="constexpr")
-                out.append({
-                    "name": f"fwd[{_TRITON_DTYPE[ldt]},{_TRITON_DTYPE[ydt]},entropy={has_entropy}]",
-                    "fn": _token_logps_fwd_kernel, "signature": sig,
-                    "constexprs": {"BLOCK_V": block, "HAS_ENTROPY": has_entropy},
-                    "attrs": {(i,): aligned for i in range(len(names))}, "options": options,
-                })
-            names = ["logits_ptr", "labels_ptr", "lse_ptr", "grad_ptr", "dlogits_ptr", "weights_ptr",
-                     "segments_ptr", "seq_grad_ptr"]
-            sig = dict(zip(names, [x, y, "*fp32", "*fp32", x, "*fp32", "*i64", "*fp32"], strict=True))
-            sig.update(T="i32", V="i32", stride_r="i64", stride_t="i64", stride_dr="i64", stride_dt="i64",
-                       ignore_index="i32", BLOCK_V="constexpr", HAS_SEQ_GRAD="constexpr", HAS_SEGMENTS="constexpr")
-            # Plain backward, pair reduction over padded rows, pair reduction over packed segments.
-            for seq_grad, segments in ((False, False), (True, False), (True, True)):
-                out.append({
-                    "name": f"bwd[{_TRITON_DTYPE[ldt]},{_TRITON_DTYPE[ydt]},seq_grad={seq_grad},segments={segments}]",
-                    "fn": _token_logps_bwd_kernel, "signature": sig,
-                    "constexprs": {"BLOCK_V": block, "HAS_SEQ_GRAD": seq_grad, "HAS_SEGMENTS": segments},
-                    "attrs": {(i,): aligned for i in range(len(names))}, "options": options,
-                })
-    return out
+    pairs = [(x, y) for x in LOGITS_DTYPES for y in LABEL_DTYPES]
+    roles = {"logits": tuple(x for x, _ in pairs), "labels": tuple(y for _, y in pairs)}
+    common = {"dtype_roles": roles, "constexprs": {"BLOCK_V": block}, "options": options}
+    forward = compile_entries(_token_logps_fwd_kernel, _FWD_ARGS, {"HAS_ENTROPY": (False, True)}, name="fwd",
+                              **common)
+    # Plain backward, pair reduction over padded rows, pair reduction over packed segments.
+    backward = [e for e in compile_entries(_token_logps_bwd_kernel, _BWD_ARGS,
+                                           {"HAS_SEQ_GRAD": (False, True), "HAS_SEGMENTS": (False, True)},
+                                           name="bwd", **common)
+                if e["constexprs"]["HAS_SEQ_GRAD"] or not e["constexprs"]["HAS_SEGMENTS"]]
+    return forward + backward

@@ -20,6 +20,12 @@ ROWS = [
     {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a large city in Spain, I think."},
     {"prompt": "Two plus two equals", "chosen": " four, of course.", "rejected": " five."},
 ]
+# Five held-out pairs in batches of 2: on 2 processes the sampler repeats pairs to even out the last batch.
+EVAL_ROWS = ROWS + [
+    {"prompt": "Water freezes at", "chosen": " zero degrees Celsius.", "rejected": " fifty degrees."},
+    {"prompt": "The opposite of hot is", "chosen": " cold.", "rejected": " loud and bright."},
+    {"prompt": "A week has", "chosen": " seven days.", "rejected": " nine or ten days, roughly."},
+]
 
 
 def main(out_dir: str, per_device_pairs: int, steps: int, loss: str = "dpo") -> None:
@@ -30,12 +36,15 @@ def main(out_dir: str, per_device_pairs: int, steps: int, loss: str = "dpo") -> 
     config = TokenWeightedDPOConfig(
         output_dir=out_dir, use_cpu=True, ddp_backend=backend, per_device_train_batch_size=per_device_pairs,
         max_steps=steps, learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
-        report_to=[], disable_tqdm=True, seed=0, loss=loss, **({"beta": 0.5} if loss == "dpo" else {}))
-    trainer = TokenWeightedDPOTrainer(model, config, train_dataset=ROWS, processing_class=gpt2_tokenizer())
+        report_to=[], disable_tqdm=True, seed=0, loss=loss, per_device_eval_batch_size=2,
+        **({"beta": 0.5} if loss == "dpo" else {}))
+    trainer = TokenWeightedDPOTrainer(model, config, train_dataset=ROWS, eval_dataset=EVAL_ROWS,
+                                      processing_class=gpt2_tokenizer())
     trainer.train()
+    evaluation = trainer.evaluate()
     lora = {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
     rank = int(os.environ.get("RANK", "0"))
-    torch.save({"lora": lora, "world_size": trainer.accelerator.num_processes,
+    torch.save({"lora": lora, "world_size": trainer.accelerator.num_processes, "evaluation": evaluation,
                 "log_history": trainer.state.log_history}, os.path.join(out_dir, f"lora-rank{rank}.pt"))
 
 

@@ -260,7 +260,7 @@ def test_plain_text_row_errors(tok):
 
 
 def test_argument_validation_names_the_argument(tok):
-    with pytest.raises(ValueError, match="max_length must be > 0"):
+    with pytest.raises(ValueError, match=r"max_length must be in \[1, inf\)"):
         tokenize_preference_rows(ROWS, tok, max_length=0, max_prompt_length=1)
     for value in (0, 8, 9):
         with pytest.raises(ValueError, match="max_prompt_length must satisfy 0 < max_prompt_length < max_length"):
@@ -506,7 +506,7 @@ def test_collator_errors(tok):
         PreferenceCollator(None)
     with pytest.raises(TypeError, match="pad_token_id must be an int"):
         PreferenceCollator(1.0)
-    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int"):
+    with pytest.raises(ValueError, match=r"pad_to_multiple_of must be in \[1, inf\)"):
         PreferenceCollator(PAD, pad_to_multiple_of=0)
     collator = PreferenceCollator(PAD)
     with pytest.raises(ValueError, match="items is empty"):
@@ -549,10 +549,12 @@ def test_plain_rows_do_not_double_bos_or_eos(bos_tok):
     data = tokenize_preference_rows(rows, bos_tok, progress=False)
     assert data[0]["prompt_input_ids"] == [bos, *HELLO_WORLD] == data[1]["prompt_input_ids"]
     assert data[0]["chosen_input_ids"] == ids(bos_tok, " yes") + [EOS] == data[1]["chosen_input_ids"]
-    # Trailing whitespace after the EOS text is text of the reply, tokenised as such (no second EOS either).
-    assert data[0]["rejected_input_ids"] == ids(bos_tok, " no way<|endoftext|>  ") + [EOS]
+    # Whitespace after the EOS text is dropped with it: still one EOS.
+    assert data[0]["rejected_input_ids"] == ids(bos_tok, " no way") + [EOS]
+    spaced = tokenize_preference_rows([pair(prompt="  <s>Hello world")], bos_tok, progress=False)
+    assert spaced[0]["prompt_input_ids"] == [bos, *HELLO_WORLD]
     # Weights still cover every response token but the (single) EOS.
-    weighted = tokenize_preference_rows([{**rows[0], "chosen_weights": [0.5], "rejected_weights": [1.0] * 5}],
+    weighted = tokenize_preference_rows([{**rows[0], "chosen_weights": [0.5], "rejected_weights": [1.0] * 2}],
                                         bos_tok, progress=False)
     assert weighted[0]["chosen_weights"] == [0.5, 0.0]
 

@@ -375,8 +375,9 @@ def interp_every_public_loss_triton_equals_torch(dtype):
 @pytest.mark.interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def interp_autograd_only_differentiates_what_requires_grad(dtype):
-    """TritonTokenKL: gradients only for the inputs that need them (a reference model's logits never do)."""
-    from tidpo.ops.triton_ops import TritonTokenKL
+    """TokenKL on the kernels: gradients only for the inputs that need them (a reference model's never do)."""
+    from tidpo.ops.autograd import TokenKL
+    from tidpo.ops.backend import implementation
 
     p, q, labels, grad_out = _case((2, 3, 100), dtype)
     kl, lse_p, lse_q = token_kl_fwd(p, q, labels)
@@ -384,7 +385,7 @@ def interp_autograd_only_differentiates_what_requires_grad(dtype):
     for grad_p, grad_q in GRAD_FLAGS:
         p_in = p.detach().clone().requires_grad_(grad_p)
         q_in = q.detach().clone().requires_grad_(grad_q)
-        out = TritonTokenKL.apply(p_in, q_in, labels, IGNORE)
+        out, _, _ = TokenKL.apply(p_in, q_in, labels, IGNORE, implementation("triton"), 64)
         assert out.requires_grad
         out.backward(grad_out.float())
         assert (p_in.grad is None) == (not grad_p) and (q_in.grad is None) == (not grad_q)
@@ -458,8 +459,8 @@ def test_compiles_small_vocab_config(entry, fresh_triton_cache):
 
 
 def test_compile_signatures_cover_every_variant():
-    # 3 logits dtypes x 2 label dtypes x (fwd, bwd dp, bwd dq, bwd dp+dq)
-    check_compile_signatures(kernels, SIGNATURES, count=24, constexprs={"BLOCK_V", "NEED_DP", "NEED_DQ"},
+    # (3 one-dtype pairs x 2 label dtypes + 4 mixed pairs with int64 labels) x (fwd, bwd dp, bwd dq, bwd dp+dq)
+    check_compile_signatures(kernels, SIGNATURES, count=40, constexprs={"BLOCK_V", "NEED_DP", "NEED_DQ"},
                              why="runtime scalars stay runtime")
 
 
@@ -487,7 +488,6 @@ def _fwd_errors():
         ((p, q.tolist(), y), TypeError, "q_logits must be a torch.Tensor"),
         ((p.double(), q.double(), y), TypeError, "p_logits must be float32, float16 or bfloat16"),
         ((p, q.double(), y), TypeError, "q_logits must be float32, float16 or bfloat16"),
-        ((p, q.half(), y), TypeError, "q_logits dtype torch.float16 does not match p_logits dtype torch.float32"),
         ((p[0, 0], q[0, 0], y), ValueError, r"p_logits must have shape \[N, V\] or \[R, T, V\]"),
         ((p, q[0], y), ValueError, r"q_logits shape \(3, 11\) does not match p_logits shape \(2, 3, 11\)"),
         ((p[..., :0], q[..., :0], y), ValueError, "p_logits has an empty vocabulary"),
@@ -514,7 +514,6 @@ def test_bwd_launcher_argument_errors():
     y = make_labels(2, 3, 11)
     lse, kl, g = torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3)
     cases = [
-        ((p, q.float(), y, lse, lse, kl, g), {}, TypeError, "q_logits dtype"),
         ((p, q, y, lse.double(), lse, kl, g), {}, TypeError, "lse_p must be the float32 output of token_kl_fwd"),
         ((p, q, y, lse, lse[:, :2], kl, g), {}, ValueError, "lse_q shape"),
         ((p, q, y, lse, lse, kl.half(), g), {}, TypeError, "kl must be the float32 output"),
@@ -542,8 +541,9 @@ def test_cpu_tensors_need_the_interpreter():
 
 
 def test_auto_backend_needs_both_logits_to_suit_the_kernels(monkeypatch):
-    """``auto`` runs a pair the kernels cannot take (mixed dtypes, q not unit-stride) on the torch path;
-    an explicit ``triton`` keeps the request (the launcher then names the problem)."""
+    """``auto`` runs a pair the kernels cannot take (float64, q not unit-stride) on the torch path and a mixed
+    fp32 / bf16 pair on the kernels (each read in its own dtype); an explicit ``triton`` keeps the request (the
+    launcher then names the problem)."""
     import tidpo.ops as ops
 
     def fake_resolve(backend, logits, op="logps"):  # resolve_backend as on a CUDA machine
@@ -558,15 +558,16 @@ def test_auto_backend_needs_both_logits_to_suit_the_kernels(monkeypatch):
     bf16, fp32 = torch.zeros(2, 3, dtype=torch.bfloat16), torch.zeros(2, 3)
     assert ops._kl_backend("auto", bf16, bf16) == "triton"
     assert ops._kl_backend(None, bf16, bf16) == "triton"
-    assert ops._kl_backend("auto", bf16, fp32) == "torch"
+    assert ops._kl_backend("auto", bf16, fp32) == "triton"
+    assert ops._kl_backend("auto", fp32, bf16) == "triton"
     assert ops._kl_backend("auto", fp32, fp32.double()) == "torch"
     assert ops._kl_backend("auto", fp32, torch.zeros(3, 2).t()) == "torch"
     assert ops._kl_backend("triton", bf16, fp32) == "triton"
     assert ops._kl_backend("torch", bf16, bf16) == "torch"
     monkeypatch.setenv("TIDPO_BACKEND", "triton")
-    assert ops._kl_backend(None, bf16, fp32) == "triton"
+    assert ops._kl_backend(None, bf16, fp32.double()) == "triton"
     monkeypatch.setenv("TIDPO_BACKEND", "auto")
-    assert ops._kl_backend(None, bf16, fp32) == "torch"
+    assert ops._kl_backend(None, bf16, fp32.double()) == "torch"
 
 
 # ----------------------------------------------------------------------------------------------

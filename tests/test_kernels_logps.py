@@ -86,8 +86,9 @@ def _check_against_reference(logits, labels, grad_out, *, block_v=None, ignore_i
     assert torch.all(dlogits[~valid] == 0), "ignored positions must get a zero gradient row"
 
 
-def _inplace_gives_same_gradient(dtype, device="cpu", shape=(3, 9, 300)):
-    from tidpo.ops.triton_ops import TritonTokenLogps
+def _inplace_gives_same_gradient(dtype, device="cpu", shape=(3, 9, 300), backend="triton"):
+    from tidpo.ops.autograd import TokenLogps
+    from tidpo.ops.backend import implementation
 
     rows, length, vocab = shape
     w = make_logits(shape, dtype).to(device).requires_grad_(True)
@@ -96,13 +97,19 @@ def _inplace_gives_same_gradient(dtype, device="cpu", shape=(3, 9, 300)):
     grads, bases = [], []
     for inplace in (False, True):
         base = w * 1  # a non-leaf the op may overwrite, like a model's output logits
-        out, _ = TritonTokenLogps.apply(base[:, :-1], labels, IGNORE, inplace)
+        out, _ = TokenLogps.apply(base[:, :-1], labels, IGNORE, implementation(backend), 64, inplace)
         (grad,) = torch.autograd.grad(out, w, g)
         grads.append(grad)
         bases.append(base.detach())
     assert torch.equal(grads[0], grads[1]), "in-place backward must give the same gradient"
     assert torch.equal(bases[0], w.detach()), "the default backward must leave the logits intact"
     assert torch.equal(bases[1][:, :-1], grads[1][:, :-1]), "in place: the logits buffer now holds dlogits"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inplace_gives_same_gradient_on_the_torch_path(dtype):
+    """The one autograd function takes ``inplace`` on either backend; the chunked path writes over the logits too."""
+    _inplace_gives_same_gradient(dtype, backend="torch")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -415,13 +422,15 @@ def test_cpu_tensors_need_the_interpreter():
 
 
 def test_rows_overlap():
+    from tidpo.kernels._launch import rows_overlap
+
     x = torch.zeros(3, 5, 7)
-    assert not kernels._rows_overlap(x)
-    assert not kernels._rows_overlap(x[:, :-1])
-    assert not kernels._rows_overlap(torch.zeros(5, 3, 7).transpose(0, 1))
-    assert kernels._rows_overlap(torch.zeros(1, 5, 7).expand(3, 5, 7))
-    assert kernels._rows_overlap(torch.zeros(3, 7).unsqueeze(1).expand(3, 4, 7))
-    assert not kernels._rows_overlap(torch.zeros(1, 1, 7).expand(1, 1, 7))
+    assert not rows_overlap(x)
+    assert not rows_overlap(x[:, :-1])
+    assert not rows_overlap(torch.zeros(5, 3, 7).transpose(0, 1))
+    assert rows_overlap(torch.zeros(1, 5, 7).expand(3, 5, 7))
+    assert rows_overlap(torch.zeros(3, 7).unsqueeze(1).expand(3, 4, 7))
+    assert not rows_overlap(torch.zeros(1, 1, 7).expand(1, 1, 7))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -277,4 +277,11 @@ def test_ti_preset_and_validation(tmp_path):
         config(tmp_path, anchor_source="rejected")
     with pytest.raises(ValueError, match="anchor_chosen_fraction must be in"):
         config(tmp_path, anchor_source="chosen", anchor_chosen_fraction=1.0)
-    assert config(tmp_path, anchor_source="chosen", ti_preset="official").anchor_source == "prompt"
+    assert config(tmp_path, ti_preset="official").anchor_source == "prompt"
+    with pytest.raises(ValueError, match="ti_preset='official' sets anchor_source='prompt', but "
+                                         "anchor_source='chosen'"):
+        config(tmp_path, anchor_source="chosen", ti_preset="official")
+    assert config(tmp_path, beta=0.2, ti_preset="official").beta == 0.2  # the preset's own value is no conflict
+    with pytest.warns(UserWarning, match="anchor_top_k=5 is not used by loss='ti_dpo' in this setting: it is read "
+                                         "only with gamma > 0"):
+        config(tmp_path, gamma=0.0, anchor_top_k=5)

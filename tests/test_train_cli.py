@@ -50,7 +50,7 @@ def test_parse_applies_cli_defaults_and_validates():
     assert config.loss == "tdpo2" and config.learning_rate == 5e-5 and config.remove_unused_columns is False
     with pytest.raises(ValueError, match="loss must be one of"):
         parse_train_args(["--loss", "orpo"])
-    with pytest.raises(ValueError, match="lora_r must be positive"):
+    with pytest.raises(ValueError, match=r"lora_r must be in \[1, inf\)"):
         parse_train_args(["--lora-r", "0"])
 
 

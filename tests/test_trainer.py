@@ -194,7 +194,7 @@ def test_tis_dpo_without_weights_is_refused(tmp_path, tokenizer):
     ({"ti_preset": "official"}, "ti_preset='official' is not read by loss='dpo'"),
     ({"loss": "tis_dpo", "kl_form": "paper_tdpo1"}, "needs token_level=True"),
     ({"max_prompt_length": 600}, "max_prompt_length .* must be smaller"),
-    ({"max_length": 0}, "max_length must be a positive int"),
+    ({"max_length": 0}, r"max_length must be in \[1, inf\)"),
     ({"truncation_mode": "middle"}, "truncation_mode must be one of"),
     ({"loss": "tdpo2", "precompute_ref_logps": True}, "precompute_ref_logps cannot serve loss='tdpo2'"),
     ({"loss_backend": "cuda"}, "loss_backend must be one of"),

@@ -63,3 +63,8 @@ def test_ddp_two_ranks_match_single_process(tmp_path, loss):
     ddp_losses = [h["loss"] for h in rank0["log_history"] if "loss" in h]
     single_losses = [h["loss"] for h in single["log_history"] if "loss" in h]
     assert ddp_losses == pytest.approx(single_losses, rel=1e-4, abs=1e-5)
+    # Evaluation over 5 pairs in batches of 2: the pairs the sampler repeats on one rank are not counted.
+    metrics = [k for k in single["evaluation"] if k.startswith(("eval_rewards/", "eval_logps/", "eval_sft/"))]
+    assert metrics and "eval_loss" in single["evaluation"]
+    for key in [*metrics, "eval_loss"]:
+        assert rank0["evaluation"][key] == pytest.approx(single["evaluation"][key], rel=1e-4, abs=1e-5), key

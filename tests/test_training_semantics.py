@@ -19,10 +19,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tidpo import dpo_loss
-from tidpo._model_state import disable_dropout
+from tidpo._model_state import ConfigDropout, disable_dropout
 from tidpo.assets import gpt2_tokenizer, tiny_gpt2
 from tidpo.data import PreferenceCollator
 from tidpo.trainer import LOSS_REGISTRY, LossSpec, TokenWeightedDPOConfig, TokenWeightedDPOTrainer
@@ -160,8 +161,48 @@ def test_disable_dropout_covers_modules_and_config_attention_dropout():
             evaluated = model(ids).logits
         torch.testing.assert_close(train_a, evaluated, rtol=0, atol=0)
         torch.testing.assert_close(train_b, evaluated, rtol=0, atol=0)
-        assert all(v == 0 for k, v in model.config.to_dict().items() if "dropout" in k or k.endswith("pdrop")
-                   if isinstance(v, float))
+        # The config keeps the user's values (they end up in every saved config.json).
+        assert any(v > 0 for k, v in model.config.to_dict().items() if ("dropout" in k or k.endswith("pdrop"))
+                   and isinstance(v, float))
+
+
+class _ConfigReadDropout(torch.nn.Module):
+    """A model that reads its dropout from the config at every forward, as Falcon and GPT-Neo do in places."""
+
+    def __init__(self):
+        from transformers import PretrainedConfig
+
+        super().__init__()
+        self.config = PretrainedConfig(attention_dropout=0.5)
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return F.dropout(self.linear(x), p=self.config.attention_dropout, training=self.training)
+
+
+def test_config_dropout_is_zeroed_while_training_and_restored():
+    model, x = _ConfigReadDropout().train(), torch.randn(4, 8)
+    disable_dropout(model)
+    assert not torch.equal(model(x), model(x)), "a dropout read from the config at forward time is still on"
+    switch = ConfigDropout(model)
+    with switch.zeroed():
+        assert torch.equal(model(x), model(x)) and model.config.attention_dropout == 0
+        with switch.original():
+            assert model.config.attention_dropout == 0.5  # what a checkpoint saved meanwhile gets
+        assert model.config.attention_dropout == 0
+    assert model.config.attention_dropout == 0.5
+
+
+def test_saved_models_keep_their_dropout(tmp_path, tokenizer):
+    import json
+
+    model = tiny_gpt2(dropout=0.1)
+    args = config(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    logs = train_logs(TokenWeightedDPOTrainer(model, args, train_dataset=ROWS[:4], processing_class=tokenizer))
+    assert all(h["loss"] == pytest.approx(LOG2, abs=1e-7) for h in logs)  # dropout was off while training
+    saved = json.loads((tmp_path / "out" / "checkpoint-1" / "config.json").read_text())
+    assert saved["attn_pdrop"] == saved["resid_pdrop"] == saved["embd_pdrop"] == 0.1
+    assert model.config.attn_pdrop == 0.1
 
 
 def test_disable_dropout_keeps_the_lora_dropout_the_user_chose():
@@ -448,3 +489,108 @@ def test_reference_logps_and_loss_without_dropout_match_functional_dpo(tmp_path,
         out = trainer.preference_loss(policy, inputs)
     want = expected_metrics(tiny_gpt2(seed=0), tiny_gpt2(seed=1), items, "dpo", 0.1)
     assert float(out.loss) == pytest.approx(want["loss"], rel=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------------
+# every loss is the exact mean over the items of the global batch; what the logs and evaluations report
+
+
+def dpo_gradient64(policy, ref, items, beta: float) -> dict[str, torch.Tensor]:
+    """Float64 gradient of the mean over the pairs of -log sigmoid(beta h), one pair and one sequence at a time."""
+    m64, r64 = copy.deepcopy(policy).double().train(), copy.deepcopy(ref).double().eval()
+
+    def logp(model, item, side):
+        prompt, response = item["prompt_input_ids"], item[f"{side}_input_ids"]
+        ids = torch.tensor([prompt + response])
+        logits = model(ids).logits[0, len(prompt) - 1:len(prompt) - 1 + len(response)]
+        return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt):, None]).sum()
+
+    total = 0.0
+    for item in items:
+        with torch.no_grad():
+            ref_margin = logp(r64, item, "chosen") - logp(r64, item, "rejected")
+        h = logp(m64, item, "chosen") - logp(m64, item, "rejected") - ref_margin
+        total = total - torch.nn.functional.logsigmoid(beta * h)
+    (total / len(items)).backward()
+    return {name: p.grad for name, p in m64.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("batch,accumulation", [(5, 1), (4, 2), (2, 3)])
+def test_dpo_is_the_pair_mean_of_the_global_batch_with_uneven_micro_batches(tmp_path, tokenizer, batch,
+                                                                            accumulation):
+    """5 pairs as 4 + 1 or 2 + 2 + 1: every pair weighs 1/5, as in one batch of 5 (not 1/2 for the lone pair)."""
+    model, lr = tiny_gpt2(seed=0), 0.1
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = config(tmp_path, max_steps=1, learning_rate=lr, optim="sgd", max_grad_norm=0.0, weight_decay=0.0,
+                  per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+    trainer = TokenWeightedDPOTrainer(model, args, train_dataset=ROWS, processing_class=tokenizer,
+                                      ref_model=tiny_gpt2(seed=1))
+    expected = dpo_gradient64(tiny_gpt2(seed=0), tiny_gpt2(seed=1), [trainer.train_dataset[i] for i in range(5)], 0.1)
+    logs = train_logs(trainer)
+    for name, grad in expected.items():
+        step = (before[name] - dict(model.named_parameters())[name].detach()).double() / lr
+        torch.testing.assert_close(step, grad, rtol=1e-3, atol=2e-6, msg=name)
+    items = [trainer.train_dataset[i] for i in range(5)]
+    want = expected_metrics(tiny_gpt2(seed=0), tiny_gpt2(seed=1), items, "dpo", 0.1)
+    assert logs[0]["loss"] == pytest.approx(want["loss"], rel=1e-4)
+
+
+def test_a_dict_of_eval_datasets_is_evaluated_by_name_during_training(tmp_path, tokenizer):
+    trainer = TokenWeightedDPOTrainer(tiny_gpt2(seed=0), config(tmp_path, max_steps=1, eval_strategy="steps",
+                                                                eval_steps=1),
+                                      train_dataset=ROWS, eval_dataset={"a": ROWS[:2], "b": ROWS[2:]},
+                                      processing_class=tokenizer, ref_model=tiny_gpt2(seed=1))
+    trainer.train()
+    logged = {k for h in trainer.state.log_history for k in h}
+    assert {"eval_a_rewards/margins", "eval_b_rewards/margins", "eval_a_loss", "eval_b_loss"} <= logged
+    assert trainer.evaluate("a")["eval_logps/chosen"] == pytest.approx(
+        expected_metrics(tiny_gpt2(seed=0), tiny_gpt2(seed=1), [trainer.eval_dataset["a"][i] for i in range(2)],
+                         "dpo", 0.1)["logps/chosen"], rel=2e-5)
+
+
+def test_evaluate_and_predict_refuse_precomputed_reference_beside_ref_model(tmp_path, tokenizer):
+    pre = TokenWeightedDPOTrainer(lora(tiny_gpt2()), config(tmp_path, precompute_ref_logps=True),
+                                  train_dataset=ROWS, processing_class=tokenizer).train_dataset
+    trainer = TokenWeightedDPOTrainer(lora(tiny_gpt2()), config(tmp_path), train_dataset=ROWS,
+                                      processing_class=tokenizer, ref_model=tiny_gpt2(seed=1))
+    for call in (trainer.evaluate, trainer.predict):
+        with pytest.raises(ValueError, match="carries precomputed reference log-probs .* and ref_model is given"):
+            call(pre)
+    rows = [{**ROWS[0], "chosen_ref_logps": [0.0], "rejected_ref_logps": [0.0]}]
+    with pytest.raises(ValueError, match="row 0 carries 'chosen_ref_logps'"):
+        trainer.evaluate(rows)
+
+
+def test_the_final_summary_has_no_partial_window_of_train_metrics(tmp_path, tokenizer):
+    trainer = TokenWeightedDPOTrainer(tiny_gpt2(seed=0), config(tmp_path, max_steps=5, logging_steps=3,
+                                                                learning_rate=5e-3),
+                                      train_dataset=ROWS, processing_class=tokenizer, ref_model=tiny_gpt2(seed=1))
+    result = trainer.train()
+    assert "train_loss" in result.metrics and not any(k.startswith("rewards/") for k in result.metrics)
+    periodic = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(periodic) == 1 and "rewards/margins" in periodic[0]
+
+
+def test_sft_metrics_do_not_depend_on_the_eval_batch(tmp_path, tokenizer):
+    results = []
+    for eval_batch in (1, 2, 4):
+        trainer = TokenWeightedDPOTrainer(tiny_gpt2(seed=0), config(tmp_path, loss="sft",
+                                                                    per_device_eval_batch_size=eval_batch),
+                                          eval_dataset=ROWS, processing_class=tokenizer)
+        results.append(trainer.evaluate())
+    items = [trainer.eval_dataset[i] for i in range(len(ROWS))]
+    chosen = [response_values(tiny_gpt2(seed=0), it, "chosen") for it in items]
+    tokens = sum(c["tokens"] for c in chosen)
+    for got in results:
+        assert got["eval_sft/tokens"] == pytest.approx(tokens / len(ROWS))  # response tokens per pair
+        assert got["eval_sft/nll"] == pytest.approx(-sum(c["logp"] for c in chosen) / tokens, rel=2e-5)
+        assert got["eval_loss"] == pytest.approx(got["eval_sft/nll"], rel=1e-6)
+
+
+def test_embedded_pairs_follow_the_tokenizer(tmp_path):
+    """Chat messages for a tokenizer with a chat template, plain text for one without (the tiny GPT-2)."""
+    from tidpo.trainer.run import build_trainer
+
+    trainer = build_trainer(RunArguments(model="tiny-gpt2", data="embedded", eval_size=2, max_train_pairs=4),
+                            config(tmp_path))
+    assert len(trainer.train_dataset) == 4 and len(trainer.eval_dataset) == 2

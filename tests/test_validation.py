@@ -54,7 +54,7 @@ def test_valid_inputs_pass():
      ValueError, "anchor.logits must have shape"),
     (lambda p, r, y, w: tidpo.ti_dpo_loss(p, r, y, w, anchor=tidpo.TripletAnchor(p[:B], y[:B])),
      ValueError, "exactly one of anchor.ref_logps"),
-    (lambda p, r, y, w: tidpo.dpo_loss(p, y, ref_logits=r, beta=0), ValueError, "beta must be a positive"),
+    (lambda p, r, y, w: tidpo.dpo_loss(p, y, ref_logits=r, beta=0), ValueError, r"beta must be in \(0\.0, inf\)"),
     (lambda p, r, y, w: tidpo.dpo_loss(p, y, ref_logits=r, beta=float("nan")), ValueError, "beta"),
     (lambda p, r, y, w: tidpo.dpo_loss(p, y, ref_logits=r, beta="0.1"), TypeError, "beta must be a number"),
     (lambda p, r, y, w: tidpo.dpo_loss(p, y, ref_logits=r, loss_type="kto"), ValueError, "loss_type"),

@@ -46,8 +46,8 @@ def _adapter_owned_modules(model: nn.Module) -> set[int]:
     return owned
 
 
-def _zero_config_dropouts(config, seen: set[int]) -> None:
-    """Set every dropout probability of a ``transformers`` config (and its sub-configs) to 0."""
+def _config_dropouts(config, seen: set[int], out: list) -> None:
+    """Append ``(config, name, value)`` for every dropout probability of a config and its sub-configs."""
     from transformers import PretrainedConfig
 
     if id(config) in seen:
@@ -55,19 +55,60 @@ def _zero_config_dropouts(config, seen: set[int]) -> None:
     seen.add(id(config))
     for name, value in list(vars(config).items()):
         if isinstance(value, PretrainedConfig):
-            _zero_config_dropouts(value, seen)
+            _config_dropouts(value, seen, out)
         elif _is_dropout_name(name) and _is_probability(value):
+            out.append((config, name, value))
+
+
+class ConfigDropout:
+    """The dropout probabilities in the ``transformers`` configs of some models (sub-configs included).
+
+    A few models read them from the config at every forward (Falcon, GPT-Neo); zeroing them for good would
+    also write zeros into every saved ``config.json``. So they are zeroed only while training
+    (:meth:`zeroed`) and put back while a model is saved (:meth:`original`).
+    """
+
+    def __init__(self, *models: nn.Module | None):
+        self.entries: list[tuple[object, str, float]] = []
+        seen: set[int] = set()
+        for model in models:
+            for module in () if model is None else model.modules():
+                config = getattr(module, "config", None)
+                if config is not None and hasattr(config, "to_dict"):
+                    _config_dropouts(config, seen, self.entries)
+
+    @contextlib.contextmanager
+    def zeroed(self):
+        """Every recorded probability 0 inside, the user's values after."""
+        for config, name, _ in self.entries:
             setattr(config, name, 0.0)
+        try:
+            yield
+        finally:
+            for config, name, value in self.entries:
+                setattr(config, name, value)
+
+    @contextlib.contextmanager
+    def original(self):
+        """The user's values inside (for saving), the current ones after."""
+        current = [getattr(config, name) for config, name, _ in self.entries]
+        for config, name, value in self.entries:
+            setattr(config, name, value)
+        try:
+            yield
+        finally:
+            for (config, name, _), value in zip(self.entries, current, strict=True):
+                setattr(config, name, value)
 
 
 def disable_dropout(model: nn.Module) -> list[tuple[str, float]]:
-    """Switch off every dropout ``model`` applies, in train mode too, except the dropout of PEFT adapters.
+    """Switch off the dropout ``model``'s modules apply, in train mode too, except the dropout of PEFT adapters.
 
-    Models apply dropout two ways, and both are switched off: ``nn.Dropout`` modules (their ``p`` is set to
-    0), and probabilities read at forward time and passed to a functional dropout, e.g. the
-    ``attention_dropout`` that Llama / Qwen attention layers copy from their config and hand to the
-    attention kernel in train mode (every numeric module attribute and config field named ``*dropout*`` or
-    ``*pdrop`` is set to 0, sub-configs included).
+    Modules apply dropout two ways, and both are switched off: ``nn.Dropout`` modules (their ``p`` is set to
+    0), and probabilities kept as module attributes and passed to a functional dropout at forward time, e.g.
+    the ``attention_dropout`` that Llama / Qwen attention layers copy from their config and hand to the
+    attention kernel in train mode (every numeric module attribute named ``*dropout*`` or ``*pdrop``). The
+    config itself is left alone: :class:`ConfigDropout` zeroes it while training only.
 
     Adapter dropout (PEFT's ``lora_dropout``) is a setting of the adapter the user chose explicitly; it is
     kept, and returned so that the caller can say so.
@@ -75,10 +116,8 @@ def disable_dropout(model: nn.Module) -> list[tuple[str, float]]:
     Returns:
         ``[(module name, p)]`` of the adapter dropouts left on (``p > 0``).
     """
-    from transformers import PretrainedConfig
-
     adapter = _adapter_owned_modules(model)
-    kept, seen_configs = [], set()
+    kept = []
     for name, module in model.named_modules():
         if id(module) in adapter:
             if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
@@ -87,8 +126,6 @@ def disable_dropout(model: nn.Module) -> list[tuple[str, float]]:
         if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
         for attr, value in list(vars(module).items()):
-            if isinstance(value, PretrainedConfig):
-                _zero_config_dropouts(value, seen_configs)
-            elif _is_dropout_name(attr) and _is_probability(value):
+            if _is_dropout_name(attr) and _is_probability(value):
                 setattr(module, attr, 0.0)
     return kept

@@ -13,12 +13,15 @@ not do. They therefore run on CPU tensors always and on accelerator tensors only
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
 
 #: The label of positions without a loss term (prompt, padding), as in PyTorch's cross-entropy, TRL and Liger.
 IGNORE_INDEX = -100
+#: Label dtypes every backend takes. Narrower integers cannot even hold -100 or a 50k vocabulary.
+LABEL_DTYPES = (torch.int64, torch.int32)
 
 
 def value_checks_enabled(t: torch.Tensor) -> bool:
@@ -50,8 +53,8 @@ def check_logits(x, name: str) -> torch.Tensor:
 def check_labels(labels, logits: torch.Tensor, ignore_index: int, name: str = "labels",
                  logits_name: str = "logits") -> torch.Tensor:
     check_tensor(labels, name)
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"{name} must be an integer tensor of token ids, got dtype {labels.dtype}")
+    if labels.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name} must be an integer tensor of token ids (int64 or int32), got dtype {labels.dtype}")
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
             f"{name} shape {tuple(labels.shape)} does not match {logits_name} shape "
@@ -108,18 +111,52 @@ def check_same_logits_shape(q: torch.Tensor, p: torch.Tensor, q_name: str, p_nam
     check_same_device(q, p, q_name, p_name)
 
 
-def check_positive(value, name: str) -> float:
-    v = _as_float(value, name)
-    if not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+def check_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """An ``int`` (not a bool) in ``[low, high]`` (either bound optional).
+
+    Raises:
+        TypeError: not an integer. ValueError: out of range (the message names ``name`` and the bounds).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"{name} must be in {_interval(low, high, False, False)}, got {value!r}")
+    return int(value)
+
+
+def check_number(value, name: str, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> float:
+    """A finite real number (not a bool) in the interval from ``low`` to ``high`` (open ends optional).
+
+    Raises:
+        TypeError: not a number. ValueError: not finite or out of range (the message gives the interval).
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    too_low = low is not None and (v < low or (low_open and v == low))
+    too_high = high is not None and (v > high or (high_open and v == high))
+    if too_low or too_high:
+        raise ValueError(f"{name} must be in {_interval(low, high, low_open, high_open)}, got {value!r}")
     return v
+
+
+def _interval(low, high, low_open: bool, high_open: bool) -> str:
+    left = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
+    right = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
+    return f"{left}, {right}"
+
+
+def check_positive(value, name: str) -> float:
+    """A finite number > 0."""
+    return check_number(value, name, low=0.0, low_open=True)
 
 
 def check_non_negative(value, name: str) -> float:
-    v = _as_float(value, name)
-    if not (v >= 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
-    return v
+    """A finite number >= 0."""
+    return check_number(value, name, low=0.0)
 
 
 def check_choice(value, name: str, choices) -> None:
@@ -127,7 +164,17 @@ def check_choice(value, name: str, choices) -> None:
         raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
 
 
-def _as_float(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    return float(value)
+def check_finite_positions(values: torch.Tensor, valid: torch.Tensor, name: str, what: str) -> None:
+    """Raise naming the first valid position whose per-position ``values`` are not finite (a value check).
+
+    Used on the per-position log-sum-exp of logits: NaN or +inf anywhere in a row, or a row that is all -inf,
+    makes it non-finite, and with it the log-probs and gradients of that position. Ignored positions are not
+    looked at. Runs only where :func:`value_checks_enabled` (always on CPU; it reads tensor values).
+    """
+    if not value_checks_enabled(values) or values.numel() == 0:
+        return
+    bad = valid & ~torch.isfinite(values)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name} at position {first} {what} (log-sum-exp {float(values[first])}): NaN or +inf "
+                         "in the row, or every entry -inf; positions labelled ignore_index may hold anything")

@@ -145,24 +145,31 @@ def weighted_logratio_sums(policy_logits, labels, weights, ref_logps=None, ref_l
 
 def tis_dpo_loss(policy_logits, labels, weights, ref_logps=None, ref_logits=None, beta=0.1,
                  token_level=False, alpha=0.5, kl_form="released", ignore_index=IGNORE_INDEX, dtype=None):
-    """TIS-DPO as released (METHODS.md §2.3) or with the paper's eta term (§2.2)."""
+    """TIS-DPO as released (METHODS.md §2.3) or with the paper's eta term (§2.2).
+
+    Rewards: ``beta m^w``; ``beta (m^w - K)`` in the released ``token_level`` branch (weighted KL(pi || ref));
+    ``beta (m^w + K')`` with the paper's forms (weighted KL(ref || pi)).
+    """
     mask = labels != ignore_index
     w = _cast(weights, dtype)
     m_w, m_l = _split(weighted_logratio_sums(policy_logits, labels, weights, ref_logps, ref_logits,
                                              ignore_index, dtype))
     z = m_w - m_l
+    reward_w, reward_l = m_w, m_l
     if token_level:
         ref = ref_logits.detach()
         if kl_form == "released":
             k = _masked_sum(w * token_kl(policy_logits, ref, labels, ignore_index, dtype), mask)
             k_w, k_l = _split(k)
             z = z - alpha * (k_w - k_l)
+            reward_w, reward_l = m_w - k_w, m_l - k_l  # the released code logs beta (m^w - K)
         else:
             k = _masked_sum(w * token_kl(ref, policy_logits, labels, ignore_index, dtype), mask)
             k_w, k_l = _split(k)
             z = z - (k_l - k_w) if kl_form == "paper_tdpo1" else z - alpha * (k_l - k_w.detach())
+            reward_w, reward_l = m_w + k_w, m_l + k_l  # TDPO's convention for KL(ref || pi) terms
     losses = -F.logsigmoid(beta * z)
-    return _outputs(losses, beta * m_w, beta * m_l, z)
+    return _outputs(losses, beta * reward_w, beta * reward_l, z)
 
 
 def packed_triplet_loss(anchor_logratios, anchor_mask, chosen_logratios, chosen_mask,

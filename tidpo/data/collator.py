@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from tidpo._validation import IGNORE_INDEX
+from tidpo._validation import IGNORE_INDEX, check_int
 from tidpo.data.dataset import ITEM_COLUMNS
 
 __all__ = ["ALIGNED_BATCH_COLUMNS", "PreferenceCollator"]
@@ -65,14 +65,10 @@ class PreferenceCollator:
             raise TypeError(
                 "pad_token_id is None; set tokenizer.pad_token (e.g. tokenizer.pad_token = tokenizer.eos_token) "
                 "and pass tokenizer.pad_token_id")
-        _check_int(pad_token_id, "pad_token_id")
-        if pad_token_id < 0:
-            raise ValueError(f"pad_token_id must be >= 0, got {pad_token_id}")
-        _check_int(ignore_index, "ignore_index")
+        check_int(pad_token_id, "pad_token_id", low=0)
+        check_int(ignore_index, "ignore_index")
         if pad_to_multiple_of is not None:
-            _check_int(pad_to_multiple_of, "pad_to_multiple_of")
-            if pad_to_multiple_of <= 0:
-                raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of}")
+            check_int(pad_to_multiple_of, "pad_to_multiple_of", low=1)
         self.pad_token_id = pad_token_id
         self.ignore_index = ignore_index
         self.pad_to_multiple_of = pad_to_multiple_of
@@ -131,11 +127,6 @@ class PreferenceCollator:
     def __repr__(self) -> str:
         return (f"PreferenceCollator(pad_token_id={self.pad_token_id}, ignore_index={self.ignore_index}, "
                 f"pad_to_multiple_of={self.pad_to_multiple_of})")
-
-
-def _check_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
 
 
 def _check_item(item, position: int) -> None:

@@ -81,11 +81,24 @@ def encode_plain_batch(tokenizer, rows: Sequence[Mapping], indices: Sequence[int
             if not row[column].strip():
                 raise ValueError(f"row {index}: {column!r} is empty or only whitespace")
     bos = tokenizer.bos_token_id
-    prompts = tokenizer([row["prompt"] for row in rows], add_special_tokens=True)["input_ids"]
-    chosen = tokenizer([row["chosen"] for row in rows], add_special_tokens=False)["input_ids"]
-    rejected = tokenizer([row["rejected"] for row in rows], add_special_tokens=False)["input_ids"]
+    bos_text, eos_text = getattr(tokenizer, "bos_token", None), tokenizer.eos_token
+    prompts = tokenizer([_from_bos(row["prompt"], bos_text) for row in rows], add_special_tokens=True)["input_ids"]
+    chosen = tokenizer([_to_eos(row["chosen"], eos_text) for row in rows], add_special_tokens=False)["input_ids"]
+    rejected = tokenizer([_to_eos(row["rejected"], eos_text) for row in rows], add_special_tokens=False)["input_ids"]
     return [(_single_leading_bos(list(p), bos), _ending_with_eos(c, eos), _ending_with_eos(r, eos))
             for p, c, r in zip(prompts, chosen, rejected, strict=True)]
+
+
+def _from_bos(text: str, bos_text: str | None) -> str:
+    """A prompt that starts with the BOS text after whitespace, from the BOS on (whitespace before it is noise)."""
+    stripped = text.lstrip()
+    return stripped if bos_text and stripped.startswith(bos_text) else text
+
+
+def _to_eos(text: str, eos_text: str | None) -> str:
+    """A reply that ends with the EOS text before whitespace, up to the EOS (whitespace after it is noise)."""
+    stripped = text.rstrip()
+    return stripped if eos_text and stripped.endswith(eos_text) else text
 
 
 def _single_leading_bos(ids: list[int], bos: int | None) -> list[int]:

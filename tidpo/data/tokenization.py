@@ -22,6 +22,8 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 
+from tidpo._validation import check_int
+from tidpo.data.collator import ALIGNED_BATCH_COLUMNS
 from tidpo.data.dataset import PreferenceDataset
 from tidpo.data.encoding import encode_chat_batch, encode_plain_batch, is_conversational
 from tidpo.data.loading import PREFERENCE_COLUMNS, WEIGHT_COLUMNS
@@ -98,6 +100,11 @@ def _encode_chunk(rows: Sequence[Mapping], indices: range, tokenizer):
         for column in PREFERENCE_COLUMNS:
             if column not in row:
                 raise ValueError(f"row {index} has no {column!r} column (found {sorted(row)})")
+        carried = [column for column in ALIGNED_BATCH_COLUMNS["ref_logps"] if row.get(column) is not None]
+        if carried:
+            raise ValueError(f"row {index} carries {carried[0]!r}: reference log-probs are aligned to the tokens, so "
+                             "they travel only with tokenised pairs (a PreferenceDataset, e.g. from "
+                             "precompute_ref_logps); drop the column and let the trainer compute them")
         (chat if is_conversational(row, index) else plain).append(index)
     encoded = dict(zip(plain, encode_plain_batch(tokenizer, [rows[i] for i in plain], plain), strict=True))
     encoded.update(zip(chat, encode_chat_batch(tokenizer, [rows[i] for i in chat], chat), strict=True))
@@ -185,11 +192,8 @@ def _check_arguments(rows, max_length, max_prompt_length, truncation_mode, weigh
             f"rows must be a list of dicts (see tidpo.data.load_preference_rows), got {type(rows).__name__}")
     if not rows:
         raise ValueError("rows is empty; there is nothing to tokenise")
-    for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if max_length <= 0:
-        raise ValueError(f"max_length must be > 0, got {max_length}")
+    check_int(max_length, "max_length", low=1)
+    check_int(max_prompt_length, "max_prompt_length")
     if not 0 < max_prompt_length < max_length:
         raise ValueError(
             f"max_prompt_length must satisfy 0 < max_prompt_length < max_length ({max_length}), "

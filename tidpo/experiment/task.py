@@ -31,7 +31,6 @@ WITHOUT ``<eos>``: the tidpo data pipeline appends the EOS token.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -41,6 +40,8 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import PreTrainedTokenizerFast
+
+from tidpo._validation import check_int, check_number
 
 __all__ = ["EOS", "GOOD_TAG", "BAD_TAG", "PAD", "UNK", "SyntheticTask", "TaskConfig", "build_tokenizer"]
 
@@ -64,19 +65,6 @@ _LABEL_MODES = ("key", "decisive")
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-
-
-def _check_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
 @dataclass(frozen=True)
 class TaskConfig:
     """Parameters of :class:`SyntheticTask` (see the module docstring for their meaning)."""
@@ -97,7 +85,7 @@ class TaskConfig:
         for name, low in (("num_topics", 1), ("num_words", 2), ("keys_per_topic", 2), ("min_response_length", 1),
                           ("max_response_length", 1), ("context_length", 0), ("num_train", 1),
                           ("num_heldout", 1), ("seed", 0)):
-            _check_int(name, getattr(self, name), low)
+            check_int(getattr(self, name), name, low=low)
         if self.keys_per_topic % 2:
             raise ValueError(f"keys_per_topic must be even (half +1, half -1), got {self.keys_per_topic}")
         if self.keys_per_topic >= self.num_words:
@@ -106,12 +94,8 @@ class TaskConfig:
         if self.max_response_length < self.min_response_length:
             raise ValueError(f"max_response_length ({self.max_response_length}) must be >= min_response_length "
                              f"({self.min_response_length})")
-        density = _check_float("key_density", self.key_density)
-        if not 0.0 < density <= 1.0:
-            raise ValueError(f"key_density must be in (0, 1], got {self.key_density}")
-        noise = _check_float("noise", self.noise)
-        if not 0.0 <= noise < 0.5:
-            raise ValueError(f"noise must be in [0, 0.5), got {self.noise}")
+        check_number(self.key_density, "key_density", low=0.0, low_open=True, high=1.0)
+        check_number(self.noise, "noise", low=0.0, high=0.5, high_open=True)
 
     @property
     def disjoint_keys(self) -> bool:
@@ -301,11 +285,9 @@ class SyntheticTask:
         (append ``tokenizer.eos_token`` when training on them so the model learns to stop). The rows
         depend on ``(config.seed, seed)`` only, drawn from a stream separate from the pairs'.
         """
-        _check_int("num", num, 0)
-        _check_int("seed", seed, 0)
-        fraction = _check_float("tag_fraction", tag_fraction)
-        if not 0.0 <= fraction <= 1.0:
-            raise ValueError(f"tag_fraction must be in [0, 1], got {tag_fraction}")
+        check_int(num, "num", low=0)
+        check_int(seed, "seed", low=0)
+        fraction = check_number(tag_fraction, "tag_fraction", low=0.0, high=1.0)
         rng = _stream(self.config.seed, f"pretrain:{seed}")
         rows = []
         for _ in range(num):

@@ -7,30 +7,38 @@ from dataclasses import dataclass
 import torch
 
 from tidpo import _validation as v
-from tidpo.losses.output import PreferenceLossOutput, metric_total
+from tidpo.losses.output import PreferenceLossOutput, per_pair
 from tidpo.losses.packing import SequencePacking, check_packing
 from tidpo.ops import token_kl, token_logps
-from tidpo.ops.sequence import sequence_rows, weighted_sequence_logps
+from tidpo.ops.sequence import sequence_rows, sequence_sums, weighted_sequence_logps
 
 
 @dataclass
 class PairBatch:
-    """Validated per-token quantities of B preference pairs and how to reduce them per sequence.
+    """Validated inputs of B preference pairs, their per-token quantities and how to reduce them per sequence.
 
-    ``policy_logps``/``ref_logps`` are fp32 (fp64 for fp64 logits) shaped like the labels — ``[2B, T]``
-    padded or ``[N]``/``[1, N]`` packed — and 0 where masked; ``mask`` is ``labels != ignore_index``;
-    ``segments`` is ``None`` (padded: row r is sequence r) or the stacked per-token sequence index ``[N]``.
-    ``weighted_margins`` is ``[2B]``: ``sum_t w_t (log pi(y_t) - log ref(y_t))`` per sequence (``w = 1``
-    without weights), differentiable through the fused pair reduction. Sequences [0, B) are the chosen
-    responses, [B, 2B) the rejected ones.
+    ``policy_logits`` / ``ref_logits`` / ``labels`` / ``weights`` are the inputs in one layout: padded
+    ``[2B, T(, V)]``, or packed ``[N(, V)]`` (a ``[1, N, ...]`` packed input is viewed as ``[N, ...]``, never
+    copied). ``policy_logps``/``ref_logps`` are fp32 (fp64 for fp64 logits) shaped like ``labels`` and 0 where
+    masked; ``mask`` is ``labels != ignore_index``; ``segments`` is ``None`` (padded: row r is sequence r) or the
+    stacked per-token sequence index ``[N]``. ``weighted_margins`` is ``[2B]``:
+    ``sum_t w_t (log pi(y_t) - log ref(y_t))`` per sequence (``w = 1`` without weights), differentiable through
+    the fused pair reduction. Sequences [0, B) are the chosen responses, [B, 2B) the rejected ones.
     """
 
+    policy_logits: torch.Tensor
+    ref_logits: torch.Tensor | None
+    labels: torch.Tensor
+    weights: torch.Tensor | None
     policy_logps: torch.Tensor
     ref_logps: torch.Tensor
     mask: torch.Tensor
     num_pairs: int
     weighted_margins: torch.Tensor
-    segments: torch.Tensor | None = None
+    segments: torch.Tensor | None
+    ignore_index: int
+    backend: str | None
+    chunk_size: int | None
 
     @property
     def log_ratios(self) -> torch.Tensor:
@@ -42,37 +50,31 @@ class PairBatch:
         return sequence_rows(values, self.mask, self.segments, 2 * self.num_pairs)
 
     def sums(self, values: torch.Tensor) -> torch.Tensor:
-        """``[2B]``: per-sequence sum of ``values`` over valid tokens (deterministic reduction)."""
-        return self.rows(values)[0].sum(-1)
+        """``[2B]``: per-sequence sum of ``values`` over valid tokens (the same in padded and packed layouts)."""
+        return sequence_sums(values, self.mask, self.segments, 2 * self.num_pairs)
 
     def counts(self) -> torch.Tensor:
         """``[2B]``: number of valid tokens per sequence."""
-        return self.rows(self.mask.to(self.policy_logps.dtype))[0].sum(-1)
+        return self.sums(self.mask.to(self.policy_logps.dtype))
+
+    def kl_sums(self, p_logits: torch.Tensor, q_logits: torch.Tensor, weighted: bool = False) -> torch.Tensor:
+        """``[2B]``: per-sequence ``sum_t (w_t) KL_t(p || q)`` over valid tokens, with the token weights if
+        ``weighted``."""
+        kl = token_kl(p_logits, q_logits, self.labels, self.ignore_index, backend=self.backend,
+                      chunk_size=self.chunk_size)
+        if weighted and self.weights is not None:
+            kl = kl * self.weights.detach().to(kl.dtype)
+        return self.sums(kl)
 
 
-def check_pair_logits(policy_logits, labels, ignore_index: int, packing) -> int:
-    """Checks shared by every pair loss; returns B."""
-    v.check_logits(policy_logits, "policy_logits")
-    if packing is None and policy_logits.dim() != 3:
-        raise ValueError(f"policy_logits must have shape [2B, T, V] for a preference loss (or pass packing= for "
-                         f"packed [N, V] / [1, N, V] logits), got {tuple(policy_logits.shape)}")
-    if packing is not None and policy_logits.dim() == 3 and policy_logits.shape[0] != 1:
-        raise ValueError(f"packed policy_logits must have shape [N, V] or [1, N, V], got "
-                         f"{tuple(policy_logits.shape)}")
-    v.check_labels(labels, policy_logits, ignore_index, logits_name="policy_logits")
-    if packing is not None:
-        check_packing(packing, labels, ignore_index)
-        return packing.num_pairs
-    return v.check_pair_rows(policy_logits, "policy_logits")
-
-
-def check_ref_logits(ref_logits, policy_logits) -> None:
-    v.check_logits(ref_logits, "ref_logits")
-    v.check_same_logits_shape(ref_logits, policy_logits, "ref_logits", "policy_logits")
-
-
-def check_weights(weights, labels) -> torch.Tensor:
-    return v.check_per_token(weights, labels, "weights", finite=True)
+def _packed_view(x: torch.Tensor, num_tokens: int, name: str, vocab: bool = False) -> torch.Tensor:
+    """A packed input as ``[N]`` (``[N, V]`` for logits): ``[N]`` / ``[N, V]`` as given, ``[1, N(, V)]`` viewed."""
+    v.check_tensor(x, name)
+    shape = (num_tokens, x.shape[-1]) if vocab else (num_tokens,)
+    if tuple(x.shape) == shape or tuple(x.shape) == (1, *shape):
+        return x.reshape(shape)  # drops the leading 1: a view
+    expected = "[N, V] or [1, N, V]" if vocab else "[N] or [1, N]"
+    raise ValueError(f"packed {name} must have shape {expected} with N = {num_tokens}, got {tuple(x.shape)}")
 
 
 def pair_batch(policy_logits, labels, *, ref_logps=None, ref_logits=None, weights=None, ignore_index: int,
@@ -82,20 +84,37 @@ def pair_batch(policy_logits, labels, *, ref_logps=None, ref_logits=None, weight
 
     Exactly one of ``ref_logps`` (precomputed per-token reference log-probs) and ``ref_logits``
     must be given; the reference is never differentiated. ``weights`` (constants) weight the margins.
+    Packed inputs may mix ``[N, ...]`` and ``[1, N, ...]`` shapes (logits, labels, per-token tensors, segment ids).
     """
-    num_pairs = check_pair_logits(policy_logits, labels, ignore_index, packing)
+    v.check_logits(policy_logits, "policy_logits")
     if require_ref_logits and ref_logits is None:
         raise ValueError("ref_logits is required here: the KL term needs the reference's full-vocab logits")
     if ref_logps is None and ref_logits is None:
         raise ValueError("pass the reference as ref_logps (per-token log-probs shaped like labels) or ref_logits")
     if ref_logps is not None and ref_logits is not None:
         raise ValueError("pass either ref_logps or ref_logits, not both")
+    if packing is None:
+        if policy_logits.dim() != 3:
+            raise ValueError(f"policy_logits must have shape [2B, T, V] for a preference loss (or pass packing= for "
+                             f"packed [N, V] / [1, N, V] logits), got {tuple(policy_logits.shape)}")
+        num_pairs = v.check_pair_rows(policy_logits, "policy_logits")
+    else:
+        v.check_tensor(labels, "labels")
+        num_tokens = labels.numel()
+        policy_logits = _packed_view(policy_logits, num_tokens, "policy_logits", vocab=True)
+        labels = labels.reshape(-1)
+        ref_logits = None if ref_logits is None else _packed_view(ref_logits, num_tokens, "ref_logits", vocab=True)
+        ref_logps = None if ref_logps is None else _packed_view(ref_logps, num_tokens, "ref_logps")
+        weights = None if weights is None else _packed_view(weights, num_tokens, "weights")
+        num_pairs = check_packing(packing, labels, ignore_index)
+    v.check_labels(labels, policy_logits, ignore_index, logits_name="policy_logits")
     if ref_logits is not None:
-        check_ref_logits(ref_logits, policy_logits)
+        v.check_logits(ref_logits, "ref_logits")
+        v.check_same_logits_shape(ref_logits, policy_logits, "ref_logits", "policy_logits")
     else:
         v.check_per_token(ref_logps, labels, "ref_logps")
     if weights is not None:
-        check_weights(weights, labels)
+        v.check_per_token(weights, labels, "weights", finite=True)
     segments = None if packing is None else packing.stacked_segment_ids()
     policy_logps, policy_sums = weighted_sequence_logps(
         policy_logits, labels, weights, segments=segments, num_sequences=2 * num_pairs, ignore_index=ignore_index,
@@ -107,8 +126,9 @@ def pair_batch(policy_logits, labels, *, ref_logps=None, ref_logits=None, weight
     mask = labels != ignore_index
     ref_logps = torch.where(mask, ref_logps.detach().to(policy_logps.dtype), 0.0)
     w = 1.0 if weights is None else weights.detach().to(policy_logps.dtype)
-    ref_sums = sequence_rows(w * ref_logps, mask, segments, 2 * num_pairs)[0].sum(-1)
-    return PairBatch(policy_logps, ref_logps, mask, num_pairs, policy_sums - ref_sums, segments)
+    ref_sums = sequence_sums(w * ref_logps, mask, segments, 2 * num_pairs)
+    return PairBatch(policy_logits, ref_logits, labels, weights, policy_logps, ref_logps, mask, num_pairs,
+                     policy_sums - ref_sums, segments, ignore_index, backend, chunk_size)
 
 
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,18 +137,10 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:half], x[half:]
 
 
-def seq_kl(batch: PairBatch, p_logits, q_logits, labels, ignore_index, backend, chunk_size, weights=None):
-    """Per-sequence ``sum_t w_t KL_t(p || q)`` over valid tokens (``w = 1`` without weights); ``[2B]``."""
-    kl = token_kl(p_logits, q_logits, labels, ignore_index, backend=backend, chunk_size=chunk_size)
-    if weights is not None:
-        kl = kl * weights.to(kl.dtype)
-    return batch.sums(kl)
-
-
 def build_output(losses, chosen_rewards, rejected_rewards, batch: PairBatch, *,
                  pair_metrics: dict[str, torch.Tensor] | None = None,
                  token_metrics: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> PreferenceLossOutput:
-    """Assemble the output object and its metrics as sums and counts.
+    """Assemble the output object and its metrics as per-pair sums and counts.
 
     Args:
         pair_metrics: ``{key: [B] per-pair values}``, averaged over the pairs.
@@ -147,10 +159,9 @@ def build_output(losses, chosen_rewards, rejected_rewards, batch: PairBatch, *,
         "logps/rejected": pol_l,
         **(pair_metrics or {}),
     }
-    totals = {key: metric_total(values) for key, values in pairs.items()}
-    for key, (sums, counts) in (token_metrics or {}).items():
-        totals[key] = metric_total(sums, counts.sum())
-    return PreferenceLossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metric_totals=totals)
+    parts = {key: per_pair(values) for key, values in pairs.items()}
+    parts.update({key: per_pair(sums, counts) for key, (sums, counts) in (token_metrics or {}).items()})
+    return PreferenceLossOutput(losses.mean(), losses, chosen_rewards, rejected_rewards, metric_parts=parts)
 
 
 def side_counts(batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:

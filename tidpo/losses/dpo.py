@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from tidpo import _validation as v
+from tidpo._validation import IGNORE_INDEX
 from tidpo.losses._common import build_output, pair_batch, split_pairs
 from tidpo.losses.output import PreferenceLossOutput
 from tidpo.losses.packing import SequencePacking
@@ -31,18 +32,20 @@ def preference_losses(h: torch.Tensor, beta: float, loss_type: str, label_smooth
 
 
 def check_dpo_params(beta, loss_type, label_smoothing) -> None:
+    """The hyper-parameters of :func:`dpo_loss` (also checked when a :class:`~tidpo.DPOLoss` is built).
+
+    ``label_smoothing`` lies in ``[0, 0.5)``: at 0.5 the two labels weigh the same and no preference is left.
+    """
     v.check_positive(beta, "beta")
     v.check_choice(loss_type, "loss_type", DPO_LOSS_TYPES)
-    v.check_non_negative(label_smoothing, "label_smoothing")
-    if label_smoothing > 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing!r}")
+    v.check_number(label_smoothing, "label_smoothing", low=0.0, high=0.5, high_open=True)
     if label_smoothing > 0 and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got loss_type={loss_type!r}")
 
 
 def dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, *, ref_logps: torch.Tensor | None = None,
              ref_logits: torch.Tensor | None = None, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, ignore_index: int = -100,
+             label_smoothing: float = 0.0, ignore_index: int = IGNORE_INDEX,
              packing: SequencePacking | None = None, backend: str | None = None,
              chunk_size: int | None = None) -> PreferenceLossOutput:
     """Direct Preference Optimisation from policy logits (METHODS.md §0, §4.2; TRL's definitions).
@@ -64,7 +67,7 @@ def dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, *, ref_logps: to
         ref_logits: ``[2B, T, V]`` reference logits (exactly one of the two).
         beta: inverse temperature (> 0). Default 0.1.
         loss_type: ``"sigmoid"`` | ``"ipo"`` | ``"hinge"``.
-        label_smoothing: cDPO's eps in [0, 0.5] (sigmoid only).
+        label_smoothing: cDPO's eps in [0, 0.5) (sigmoid only).
         backend, chunk_size: see :func:`tidpo.token_logps`.
         packing: :class:`~tidpo.SequencePacking` for packed (padding-free) batches: logits ``[N, V]`` or
             ``[1, N, V]``, every per-token tensor shaped like the labels (``[N]`` / ``[1, N]``).

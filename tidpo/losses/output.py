@@ -1,4 +1,4 @@
-"""The output objects of the losses: the loss, and its logging metrics as sums and counts."""
+"""The output objects of the losses: the loss, and its logging metrics as per-pair sums and counts."""
 
 from __future__ import annotations
 
@@ -8,22 +8,16 @@ from types import MappingProxyType
 
 import torch
 
-#: A metric as ``(sum, count)``: two detached 0-dim float tensors whose ratio is the metric's mean.
-MetricTotal = tuple[torch.Tensor, torch.Tensor]
+#: A metric's parts: ``(sums [n], counts [n])``, detached float tensors with one entry per pair (per step for
+#: timings). Its value is ``sums.sum() / counts.sum()``.
+MetricParts = tuple[torch.Tensor, torch.Tensor]
 
 
-def metric_total(values: torch.Tensor, count: torch.Tensor | int | None = None) -> MetricTotal:
-    """``(sum of values, count)``, detached, float; ``count`` defaults to the number of elements of ``values``.
-
-    An int count becomes a tensor by a fill on the values' device (no host-to-device copy, no sync).
-    """
-    values = values.detach()
-    total = values.float().sum()
-    if count is None:
-        count = values.numel()
-    if isinstance(count, int):
-        count = torch.full((), count, dtype=torch.float32, device=values.device)
-    return total, count.detach().float()
+def per_pair(values: torch.Tensor, counts: torch.Tensor | None = None) -> MetricParts:
+    """Parts of a metric from per-pair ``values`` ``[B]`` (and their counts, default 1 each), detached, float."""
+    values = values.detach().float().reshape(-1)
+    counts = torch.ones_like(values) if counts is None else counts.detach().float().reshape(-1)
+    return values, counts
 
 
 @dataclass
@@ -31,24 +25,39 @@ class LossOutput:
     """A training loss and its metrics.
 
     Attributes:
-        loss: scalar to call ``.backward()`` on.
-        metric_totals: ``{key: (sum, count)}``, detached 0-dim float tensors. A metric's value is
-            ``sum / count``; keeping the two apart lets a trainer average it exactly over micro-batches,
-            evaluation batches of any size and processes (add the sums, add the counts, then divide).
+        loss: scalar to call ``.backward()`` on: the mean of the per-item losses (items: pairs, or the response
+            tokens of a token-mean loss).
+        metric_parts: ``{key: (sums, counts)}``, detached ``[B]`` float tensors, one entry per pair. A metric's
+            value is ``sums.sum() / counts.sum()``: a pair metric has count 1 per pair, a token metric the pair's
+            token count. Keeping them per pair lets a trainer average exactly over micro-batches, evaluation
+            batches of any size and processes — and drop the duplicate pairs a distributed sampler pads with.
     """
 
     loss: torch.Tensor
-    metric_totals: dict[str, MetricTotal] = field(default_factory=dict, kw_only=True)
+    metric_parts: dict[str, MetricParts] = field(default_factory=dict, kw_only=True)
+
+    @property
+    def metric_totals(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{key: (sum, count)}`` (0-dim tensors) over the batch."""
+        return {key: (sums.sum(), counts.sum()) for key, (sums, counts) in self.metric_parts.items()}
 
     @property
     def metrics(self) -> Mapping[str, torch.Tensor]:
         """Read-only ``{key: sum / count}`` (0-dim tensors; 0 where the count is 0). Nothing calls ``.item()``."""
         return MappingProxyType({key: total / count.clamp(min=1) for key, (total, count) in self.metric_totals.items()})
 
+    def item_sum(self) -> torch.Tensor:
+        """The differentiable sum of the per-item losses (``loss`` is it divided by :attr:`num_items`)."""
+        raise NotImplementedError
+
     @property
-    def loss_total(self) -> MetricTotal:
-        """``(sum, count)`` whose ratio is ``loss``: here ``(loss, 1)``; subclasses give per-item sums."""
-        return metric_total(self.loss)
+    def num_items(self) -> torch.Tensor:
+        """How many items ``loss`` averages over (0-dim)."""
+        raise NotImplementedError
+
+    def loss_parts(self) -> MetricParts:
+        """The loss as per-pair parts (sums, counts), like a metric: its exact mean over any batching."""
+        raise NotImplementedError
 
 
 @dataclass
@@ -61,7 +70,7 @@ class PreferenceLossOutput(LossOutput):
         chosen_rewards: ``[B]`` implicit reward of the chosen responses (detached; each loss's
             docstring gives its formula).
         rejected_rewards: ``[B]`` implicit reward of the rejected responses (detached).
-        metric_totals / metrics: TRL-style keys. Pair metrics, averaged over the B pairs:
+        metric_parts / metric_totals / metrics: TRL-style keys. Pair metrics, averaged over the B pairs:
             ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``
             (share of pairs whose chosen reward is strictly higher), ``logps/chosen``,
             ``logps/rejected`` (summed log-probs of a response), ``triplet/loss``. Token metrics,
@@ -74,26 +83,36 @@ class PreferenceLossOutput(LossOutput):
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
 
+    def item_sum(self) -> torch.Tensor:
+        return self.losses.sum()
+
     @property
-    def loss_total(self) -> MetricTotal:
-        """``(sum of the per-pair losses, B)``."""
-        return metric_total(self.losses)
+    def num_items(self) -> torch.Tensor:
+        return torch.full((), self.losses.shape[0], dtype=torch.float32, device=self.losses.device)
+
+    def loss_parts(self) -> MetricParts:
+        return per_pair(self.losses)
 
 
 @dataclass
 class TokenMeanOutput(LossOutput):
-    """A loss that is a mean over tokens: ``loss = loss_sum / num_tokens``.
+    """A loss that is a mean over the response tokens of B pairs: ``loss = sum(token_losses) / num_tokens``.
 
     Attributes:
-        loss_sum: the differentiable sum over the tokens, so that a trainer can divide it by the token count of
-            a whole global batch instead (gradient accumulation, several processes).
-        num_tokens: 0-dim int tensor, the tokens summed.
+        pair_loss_sums: ``[B]`` differentiable per-pair sums of the token losses, so that a trainer can divide
+            their total by the token count of a whole global batch instead (gradient accumulation, processes).
+        pair_tokens: ``[B]`` the tokens each pair contributes.
     """
 
-    loss_sum: torch.Tensor
-    num_tokens: torch.Tensor
+    pair_loss_sums: torch.Tensor
+    pair_tokens: torch.Tensor
+
+    def item_sum(self) -> torch.Tensor:
+        return self.pair_loss_sums.sum()
 
     @property
-    def loss_total(self) -> MetricTotal:
-        """``(sum over the tokens, number of tokens)``."""
-        return metric_total(self.loss_sum, self.num_tokens)
+    def num_items(self) -> torch.Tensor:
+        return self.pair_tokens.sum().float()
+
+    def loss_parts(self) -> MetricParts:
+        return per_pair(self.pair_loss_sums, self.pair_tokens)

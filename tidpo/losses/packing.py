@@ -71,23 +71,28 @@ class SequencePacking:
         return seg
 
 
-def check_packing(packing, labels: torch.Tensor, ignore_index: int) -> None:
-    """Validate a packing against the labels it annotates."""
+def check_packing(packing, labels: torch.Tensor, ignore_index: int) -> int:
+    """Validate a packing against the labels it annotates; return B.
+
+    ``packing.segment_ids`` and ``labels`` may each be ``[N]`` or ``[1, N]`` (one entry per token either way).
+    """
     if not isinstance(packing, SequencePacking):
         raise TypeError(f"packing must be a tidpo.SequencePacking, got {type(packing).__name__}")
     seg = packing.segment_ids
     v.check_tensor(seg, "packing.segment_ids")
-    if seg.is_floating_point() or seg.dtype == torch.bool:
+    if seg.is_floating_point() or seg.dtype == torch.bool or seg.is_complex():
         raise TypeError(f"packing.segment_ids must be an integer tensor, got {seg.dtype}")
-    if tuple(seg.shape) != tuple(labels.shape):
+    tokens = labels.numel()
+    if tuple(seg.shape) not in ((tokens,), (1, tokens)) or labels.dim() > 2 or (labels.dim() == 2 and
+                                                                                  labels.shape[0] != 1):
         raise ValueError(f"packing.segment_ids shape {tuple(seg.shape)} does not match labels shape "
-                         f"{tuple(labels.shape)}")
+                         f"{tuple(labels.shape)}: packed batches hold N tokens as [N] or [1, N]")
     v.check_same_device(seg, labels, "packing.segment_ids", "labels")
-    if isinstance(packing.num_pairs, bool) or not isinstance(packing.num_pairs, int) or packing.num_pairs < 1:
-        raise ValueError(f"packing.num_pairs must be a positive integer, got {packing.num_pairs!r}")
+    v.check_int(packing.num_pairs, "packing.num_pairs", low=1)
     v.check_choice(packing.pair_order, "packing.pair_order", PAIR_ORDERS)
     if v.value_checks_enabled(seg) and seg.numel() > 0:
-        used = seg[labels != ignore_index]
+        used = seg.reshape(-1)[labels.reshape(-1) != ignore_index]
         if used.numel() and bool(((used < 0) | (used >= 2 * packing.num_pairs)).any()):
             raise ValueError(f"packing.segment_ids of valid tokens must lie in [0, 2B) = "
                              f"[0, {2 * packing.num_pairs})")
+    return packing.num_pairs

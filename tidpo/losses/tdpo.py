@@ -6,13 +6,21 @@ import torch
 import torch.nn.functional as F
 
 from tidpo import _validation as v
-from tidpo.losses._common import build_output, kl_metrics, pair_batch, seq_kl, split_pairs
+from tidpo._validation import IGNORE_INDEX
+from tidpo.losses._common import build_output, kl_metrics, pair_batch, split_pairs
 from tidpo.losses.output import PreferenceLossOutput
 from tidpo.losses.packing import SequencePacking
 
 
+def check_tdpo_params(beta, alpha, variant) -> None:
+    """The hyper-parameters of :func:`tdpo_loss` (also checked when a :class:`~tidpo.TDPOLoss` is built)."""
+    v.check_positive(beta, "beta")
+    v.check_non_negative(alpha, "alpha")
+    v.check_choice(variant, "variant", (1, 2))
+
+
 def tdpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, *,
-              beta: float = 0.1, alpha: float = 0.5, variant: int = 2, ignore_index: int = -100,
+              beta: float = 0.1, alpha: float = 0.5, variant: int = 2, ignore_index: int = IGNORE_INDEX,
               packing: SequencePacking | None = None, backend: str | None = None,
               chunk_size: int | None = None) -> PreferenceLossOutput:
     """Token-level DPO (Zeng et al. 2024), as in the official code (METHODS.md §1.1).
@@ -34,14 +42,11 @@ def tdpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: tor
         :class:`~tidpo.PreferenceLossOutput`; metrics add ``kl/chosen``, ``kl/rejected``. A pair
         with no valid token on either side has ``z = 0``: loss ``log 2``, zero gradient.
     """
-    v.check_positive(beta, "beta")
-    v.check_non_negative(alpha, "alpha")
-    v.check_choice(variant, "variant", (1, 2))
+    check_tdpo_params(beta, alpha, variant)
     batch = pair_batch(policy_logits, labels, ref_logits=ref_logits, ignore_index=ignore_index,
                        backend=backend, chunk_size=chunk_size, require_ref_logits=True, packing=packing)
     m_w, m_l = split_pairs(batch.weighted_margins)
-    k_w, k_l = split_pairs(seq_kl(batch, ref_logits.detach(), policy_logits, labels, ignore_index, backend,
-                                  chunk_size))
+    k_w, k_l = split_pairs(batch.kl_sums(batch.ref_logits.detach(), batch.policy_logits))
     z = tdpo_margin(m_w, m_l, k_w, k_l, alpha, variant)
     losses = -F.logsigmoid(beta * z)
     return build_output(losses, beta * (m_w + k_w), beta * (m_l + k_l), batch,

@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from tidpo import _validation as v
+from tidpo._validation import IGNORE_INDEX
 from tidpo.losses._common import (
     build_output,
     kl_metrics,
     pair_batch,
-    seq_kl,
     split_pairs,
     weight_metrics,
 )
@@ -67,10 +67,17 @@ def anchor_log_ratios(anchor: TripletAnchor, num_pairs: int, policy_logits: torc
     return torch.where(mask, policy - ref.to(policy.dtype), 0.0), mask
 
 
+def check_ti_dpo_params(beta, alpha, gamma, triplet_margin, kl_coef) -> None:
+    """The hyper-parameters of :func:`ti_dpo_loss` (also checked when a :class:`~tidpo.TIDPOLoss` is built)."""
+    v.check_positive(beta, "beta")
+    for value, name in ((alpha, "alpha"), (gamma, "gamma"), (triplet_margin, "triplet_margin"), (kl_coef, "kl_coef")):
+        v.check_non_negative(value, name)
+
+
 def ti_dpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor,
                 weights: torch.Tensor, *, beta: float = 0.1, alpha: float = 0.5, gamma: float = 0.1,
                 triplet_margin: float = 1e-3, anchor: TripletAnchor | None = None, kl_coef: float = 0.0,
-                ignore_index: int = -100, packing: SequencePacking | None = None, backend: str | None = None,
+                ignore_index: int = IGNORE_INDEX, packing: SequencePacking | None = None, backend: str | None = None,
                 chunk_size: int | None = None) -> PreferenceLossOutput:
     """Token-importance guided DPO (Yang et al., ICLR 2026), as in the official code.
 
@@ -99,11 +106,7 @@ def ti_dpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: t
         ``triplet/loss``. A pair with no valid token anywhere: loss ``log 2 + gamma * margin``
         (the triplet hinge keeps its margin), zero gradient.
     """
-    v.check_positive(beta, "beta")
-    v.check_non_negative(alpha, "alpha")
-    v.check_non_negative(gamma, "gamma")
-    v.check_non_negative(triplet_margin, "triplet_margin")
-    v.check_non_negative(kl_coef, "kl_coef")
+    check_ti_dpo_params(beta, alpha, gamma, triplet_margin, kl_coef)
     if gamma > 0 and anchor is None:
         raise ValueError("anchor is required when gamma > 0 (pass a TripletAnchor, or gamma=0 to drop the "
                          "triplet term)")
@@ -113,15 +116,14 @@ def ti_dpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: t
                        backend=backend, chunk_size=chunk_size, require_ref_logits=True, packing=packing)
     rho = batch.log_ratios
     m_w, m_l = split_pairs(batch.weighted_margins)
-    k_w, k_l = split_pairs(seq_kl(batch, ref_logits.detach(), policy_logits, labels, ignore_index, backend,
-                                  chunk_size))
+    k_w, k_l = split_pairs(batch.kl_sums(batch.ref_logits.detach(), batch.policy_logits))
     losses = -F.logsigmoid(beta * tdpo_margin(m_w, m_l, k_w, k_l, alpha, variant=2))
     if kl_coef > 0:
         losses = losses + kl_coef * 0.5 * (k_w + k_l)
-    token_metrics = {**kl_metrics(k_w, k_l, batch), **weight_metrics(weights, batch)}
+    token_metrics = {**kl_metrics(k_w, k_l, batch), **weight_metrics(batch.weights, batch)}
     pair_metrics = {}
     if anchor is not None and gamma > 0:
-        a_rho, a_mask = anchor_log_ratios(anchor, batch.num_pairs, policy_logits, ignore_index, backend,
+        a_rho, a_mask = anchor_log_ratios(anchor, batch.num_pairs, batch.policy_logits, ignore_index, backend,
                                           chunk_size)
         rho_rows, mask_rows = batch.rows(rho)
         rho_w, rho_l = split_pairs(rho_rows)

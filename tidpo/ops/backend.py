@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from types import ModuleType
 
 import torch
 
@@ -21,6 +22,16 @@ BACKENDS = ("auto", "torch", "triton")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The per-token ops and the kernel module (``tidpo.kernels.<module>``) each one needs.
 KERNEL_MODULES = {"logps": "logps", "kl": "kl"}
+# Each concrete backend's implementation: one module with the same functions (logps_forward / logps_backward /
+# kl_forward / kl_backward), which the autograd functions call.
+_IMPLEMENTATIONS = {"torch": "tidpo.ops.chunked", "triton": "tidpo.ops.triton_ops"}
+
+
+def implementation(backend: str) -> ModuleType:
+    """The module implementing a concrete backend (``"torch"`` or ``"triton"``, see :func:`resolve_backend`)."""
+    if backend not in _IMPLEMENTATIONS:
+        raise ValueError(f"backend must be 'torch' or 'triton' here (resolve 'auto' first), got {backend!r}")
+    return importlib.import_module(_IMPLEMENTATIONS[backend])  # imports Triton only for "triton"
 
 
 @functools.cache

@@ -1,11 +1,16 @@
-"""Chunked PyTorch path: per-token log-probs and full-vocab KL without a full-size softmax.
+"""Chunked PyTorch path (backend ``"torch"``): per-token log-probs and full-vocab KL without a full-size softmax.
 
 The naive way, ``log_softmax(logits.float()).gather(...)``, holds an fp32 copy of the whole
 ``[N, V]`` logits plus the log-softmax it saves for backward (two or three times the size of bf16
-logits). These autograd functions instead walk over the logits in chunks of at most
-``chunk_size`` positions, keep only per-position fp32 values (log-sum-exp, log-prob, KL) and
-recompute the softmax chunk by chunk in backward. Peak extra memory is a few ``[chunk, V]``
-temporaries plus the gradient itself.
+logits). These functions instead walk over the logits in chunks of at most ``chunk_size``
+positions, keep only per-position fp32 values (log-sum-exp, log-prob, KL) and recompute the
+softmax chunk by chunk in backward. Peak extra memory is a few ``[chunk, V]`` temporaries plus
+the gradient itself. They have the same signatures as the Triton backend's
+(:mod:`tidpo.ops.triton_ops`); the autograd functions (:mod:`tidpo.ops.autograd`) call either.
+
+Ignored positions (``label == ignore_index``) get exact zeros (value and gradient), whatever their
+logits hold: NaN or +-inf there (a fully masked attention row, an fp16 overflow in padding) never
+leak. Their ``lse`` is 0 (a placeholder), as on the Triton backend.
 
 Computation runs in float32 (float64 for float64 logits, so ``torch.autograd.gradcheck`` applies);
 outputs are in that compute dtype, gradients are written in the logits' dtype.
@@ -87,8 +92,17 @@ def _upcast(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     return y, y.data_ptr() != x.data_ptr()
 
 
-def chunked_logps_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                          chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _zero_ignored(grad: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Exact zeros at ignored positions, whatever their logits hold (NaN, +-inf: ``0 * NaN`` would be NaN)."""
+    return grad.masked_fill_(~valid.unsqueeze(-1), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# per-token log-probs
+
+
+def logps_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                  chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logps, lse)`` in the compute dtype, chunk by chunk; logps 0 at ignored positions."""
     cdtype = compute_dtype(logits)
     logps = torch.zeros(labels.shape, dtype=cdtype, device=logits.device)
@@ -99,18 +113,41 @@ def chunked_logps_forward(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
         chunk_lse = torch.logsumexp(x.to(cdtype), dim=-1)
         target = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1).to(cdtype)
         logps[idx] = torch.where(valid, target - chunk_lse, 0.0)
-        lse[idx] = chunk_lse
+        lse[idx] = torch.where(valid, chunk_lse, 0.0)
     return logps, lse
 
 
-def chunked_logps_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-                           grad_logps: torch.Tensor, ignore_index: int, chunk_size: int) -> torch.Tensor:
-    """``dlogits = g * (onehot(label) - softmax(logits))`` in the logits' dtype, chunk by chunk."""
+def per_token_grad(grad_logps: torch.Tensor, labels: torch.Tensor, seq_grad: torch.Tensor | None,
+                   weights: torch.Tensor | None, segments: torch.Tensor | None, cdtype: torch.dtype) -> torch.Tensor:
+    """``g_t = dL/dlogp_t + w_t dL/dS_{s(t)}``: the pair reduction's gradient spread back over its tokens.
+
+    ``s(t)`` is the padded row of ``labels`` (``segments`` None) or ``segments[t]``. Segment ids of ignored tokens
+    may lie anywhere (they are documented as unused): they are clamped, and ignored positions get no gradient.
+    """
+    grad = grad_logps.to(cdtype)
+    if seq_grad is None:
+        return grad
+    if segments is None:
+        spread = seq_grad.to(cdtype).unsqueeze(-1).expand(labels.shape)
+    else:
+        index = segments.reshape(labels.shape).long().clamp(0, seq_grad.shape[0] - 1)
+        spread = seq_grad.to(cdtype)[index]
+    w = torch.ones_like(grad) if weights is None else weights.to(cdtype)
+    return grad + w * spread
+
+
+def logps_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, grad_logps: torch.Tensor,
+                   ignore_index: int, chunk_size: int, *, seq_grad: torch.Tensor | None = None,
+                   weights: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                   inplace: bool = False) -> torch.Tensor:
+    """``dlogits = g * (onehot(label) - softmax(logits))`` in the logits' dtype, chunk by chunk; exact zeros at
+    ignored positions. ``g`` is :func:`per_token_grad`; ``inplace`` writes over the logits."""
     cdtype = lse.dtype
-    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    g_all = per_token_grad(grad_logps, labels, seq_grad, weights, segments, cdtype)
+    dlogits = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     for idx in chunk_index(logits.shape, chunk_size):
         valid, safe = _valid_and_safe(labels[idx], ignore_index)
-        g = torch.where(valid, grad_logps[idx].to(cdtype), 0.0).unsqueeze(-1)
+        g = torch.where(valid, g_all[idx], 0.0).unsqueeze(-1)
         if logits.dtype == cdtype:
             # Same dtype: compute straight into the output chunk (no temporary, no extra copy pass).
             grad = torch.sub(logits[idx], lse[idx].unsqueeze(-1), out=dlogits[idx])
@@ -118,34 +155,14 @@ def chunked_logps_backward(logits: torch.Tensor, labels: torch.Tensor, lse: torc
             grad = logits[idx].to(cdtype).sub_(lse[idx].unsqueeze(-1))  # the upcast copy is ours to modify
         grad.exp_().mul_(-g)  # -g * softmax
         grad.scatter_add_(-1, safe.unsqueeze(-1), g)  # + g * onehot(label)
+        _zero_ignored(grad, valid)
         if logits.dtype != cdtype:
             dlogits[idx] = grad
     return dlogits
 
 
-class ChunkedTokenLogps(torch.autograd.Function):
-    """``logp[i] = x[i, label[i]] - logsumexp(x[i, :])``; 0 where ``label == ignore_index``.
-
-    Forward saves only the logits (by reference), labels and the per-position fp32 log-sum-exp.
-    Backward: ``dlogits[i, :] = g[i] * (onehot(label[i]) - softmax(x[i, :]))``, softmax recomputed
-    from the logits and the saved log-sum-exp, chunk by chunk.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index: int, chunk_size: int):
-        logps, lse = chunked_logps_forward(logits, labels, ignore_index, chunk_size)
-        ctx.save_for_backward(logits, labels, lse)
-        ctx.ignore_index = ignore_index
-        ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(lse)
-        return logps, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logps, _grad_lse):
-        logits, labels, lse = ctx.saved_tensors
-        dlogits = chunked_logps_backward(logits, labels, lse, grad_logps, ctx.ignore_index, ctx.chunk_size)
-        return dlogits, None, None, None
+# ----------------------------------------------------------------------------------------------------------
+# full-vocabulary KL
 
 
 def _log_softmax_chunk(x: torch.Tensor, cdtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,63 +173,52 @@ def _log_softmax_chunk(x: torch.Tensor, cdtype: torch.dtype) -> tuple[torch.Tens
     return logq, lse
 
 
-def _kl_terms(logp: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(p, p * (log p - log q)) with the convention 0 * log 0 = 0 (vocab entries with p == 0)."""
+def _kl_terms(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """``p (log p - log q)`` per entry with the convention of :func:`kl_forward`: 0 where ``p`` is 0 in the
+    compute dtype (never ``0 * inf``), ``+inf`` where ``p > 0`` and ``q`` is 0 (``log q = -inf``)."""
     p = logp.exp()
-    terms = torch.where(p > 0, p * (logp - logq), 0.0)
-    return p, terms
+    return torch.where(p > 0, p * (logp - logq), 0.0)
 
 
-def _kl_chunk(p_chunk, q_chunk, cdtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(KL(p || q), lse_p, lse_q) of one chunk; its [chunk, V] temporaries die when it returns."""
-    logp, lse_p = _log_softmax_chunk(p_chunk, cdtype)
-    logq, lse_q = _log_softmax_chunk(q_chunk, cdtype)
-    _, terms = _kl_terms(logp, logq)
-    return terms.sum(-1), lse_p, lse_q
+def kl_forward(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+               chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kl, lse_p, lse_q)`` chunk by chunk, in fp32 (fp64 if either input is fp64); 0 at ignored positions.
 
-
-class ChunkedTokenKL(torch.autograd.Function):
-    """Per-position ``KL(p || q) = sum_v p_v (log p_v - log q_v)`` over the full vocabulary.
-
-    ``p = softmax(p_logits)``, ``q = softmax(q_logits)``, both from log-softmax (finite even where a
-    probability underflows to 0). 0 where ``label == ignore_index``.
-
-    Gradients (only for the inputs that require them; a reference model's logits never do):
-      ``dKL/dq_logits = g * (q - p)``,
-      ``dKL/dp_logits = g * p * (log p - log q - KL)``.
+    Convention for -inf logits: an entry whose probability ``p_v`` is 0 in the compute dtype contributes 0; an
+    entry with ``p_v > 0`` against ``q_v = 0`` (a -inf q logit) makes the KL ``+inf``.
     """
+    cdtype = torch.promote_types(compute_dtype(p_logits), compute_dtype(q_logits))
+    kl = torch.zeros(labels.shape, dtype=cdtype, device=p_logits.device)
+    lse_p = torch.zeros_like(kl)
+    lse_q = torch.zeros_like(kl)
+    for idx in chunk_index(p_logits.shape, chunk_size):
+        valid = labels[idx] != ignore_index
+        logp, chunk_lse_p = _log_softmax_chunk(p_logits[idx], cdtype)
+        logq, chunk_lse_q = _log_softmax_chunk(q_logits[idx], cdtype)
+        kl[idx] = torch.where(valid, _kl_terms(logp, logq).sum(-1), 0.0)
+        lse_p[idx] = torch.where(valid, chunk_lse_p, 0.0)
+        lse_q[idx] = torch.where(valid, chunk_lse_q, 0.0)
+    return kl, lse_p, lse_q
 
-    @staticmethod
-    def forward(ctx, p_logits, q_logits, labels, ignore_index: int, chunk_size: int):
-        cdtype = torch.promote_types(compute_dtype(p_logits), compute_dtype(q_logits))
-        kl = torch.zeros(labels.shape, dtype=cdtype, device=p_logits.device)
-        lse_p = torch.zeros_like(kl)
-        lse_q = torch.zeros_like(kl)
-        for idx in chunk_index(p_logits.shape, chunk_size):
-            chunk_kl, lse_p[idx], lse_q[idx] = _kl_chunk(p_logits[idx], q_logits[idx], cdtype)
-            kl[idx] = torch.where(labels[idx] != ignore_index, chunk_kl, 0.0)
-        ctx.save_for_backward(p_logits, q_logits, labels, lse_p, lse_q, kl)
-        ctx.ignore_index = ignore_index
-        ctx.chunk_size = chunk_size
-        return kl
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_kl):
-        p_logits, q_logits, labels, lse_p, lse_q, kl = ctx.saved_tensors
-        need_p, need_q = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        cdtype = kl.dtype
-        dp = torch.empty(p_logits.shape, dtype=p_logits.dtype, device=p_logits.device) if need_p else None
-        dq = torch.empty(q_logits.shape, dtype=q_logits.dtype, device=q_logits.device) if need_q else None
-        for idx in chunk_index(p_logits.shape, ctx.chunk_size):
-            valid = labels[idx] != ctx.ignore_index
-            g = torch.where(valid, grad_kl[idx].to(cdtype), 0.0).unsqueeze(-1)
-            logp = p_logits[idx].to(cdtype) - lse_p[idx].unsqueeze(-1)
-            logq = q_logits[idx].to(cdtype) - lse_q[idx].unsqueeze(-1)
-            p = logp.exp()
-            if need_q:
-                dq[idx] = g * (logq.exp() - p)
-            if need_p:
-                inner = logp - logq - kl[idx].unsqueeze(-1)
-                dp[idx] = g * torch.where(p > 0, p * inner, 0.0)
-        return dp, dq, None, None, None
+def kl_backward(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tensor, lse_p: torch.Tensor,
+                lse_q: torch.Tensor, kl: torch.Tensor, grad_kl: torch.Tensor, ignore_index: int, chunk_size: int,
+                *, need_dp: bool, need_dq: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``dq_logits = g (q - p)``, ``dp_logits = g p (log p - log q - KL)`` (0 where ``p`` is 0), each in its
+    input's dtype, only where asked for; exact zeros at ignored positions."""
+    cdtype = kl.dtype
+    dp = torch.empty(p_logits.shape, dtype=p_logits.dtype, device=p_logits.device) if need_dp else None
+    dq = torch.empty(q_logits.shape, dtype=q_logits.dtype, device=q_logits.device) if need_dq else None
+    for idx in chunk_index(p_logits.shape, chunk_size):
+        valid = labels[idx] != ignore_index
+        g = torch.where(valid, grad_kl[idx].to(cdtype), 0.0).unsqueeze(-1)
+        logp = p_logits[idx].to(cdtype) - lse_p[idx].unsqueeze(-1)
+        logq = q_logits[idx].to(cdtype) - lse_q[idx].unsqueeze(-1)
+        p = logp.exp()
+        if need_dq:
+            dq[idx] = _zero_ignored(g * (logq.exp() - p), valid)
+        if need_dp:
+            positive = p > 0
+            inner = torch.where(positive, logp, 0.0) - torch.where(positive, logq, 0.0) - kl[idx].unsqueeze(-1)
+            dp[idx] = _zero_ignored(g * torch.where(positive, p * inner, 0.0), valid)
+    return dp, dq

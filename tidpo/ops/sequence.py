@@ -9,11 +9,20 @@ the gradient itself.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
-from tidpo._validation import check_labels, check_logits, check_per_token
-from tidpo.ops.backend import resolve_backend
-from tidpo.ops.chunked import chunked_logps_backward, chunked_logps_forward, resolve_chunk_size
+from tidpo._validation import (
+    IGNORE_INDEX,
+    check_finite_positions,
+    check_int,
+    check_labels,
+    check_logits,
+    check_per_token,
+)
+from tidpo.ops.backend import implementation, resolve_backend
+from tidpo.ops.chunked import resolve_chunk_size
 
 
 def sequence_rows(values: torch.Tensor, mask: torch.Tensor,
@@ -33,63 +42,73 @@ def sequence_rows(values: torch.Tensor, mask: torch.Tensor,
     return torch.where(members, flat_values.unsqueeze(0), 0.0), members
 
 
-class WeightedSequenceLogps(torch.autograd.Function):
-    """``(logps, S)``: per-token log-probs (shape of ``labels``) and weighted per-sequence sums ``[S]``.
+def sequence_sums(values: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None,
+                  num_sequences: int) -> torch.Tensor:
+    """``[S]``: the sum of ``values`` over each sequence's valid tokens (see :func:`sequence_rows`), differentiable.
 
-    Both outputs are differentiable; ``weights`` are constants (never differentiated).
+    Accumulated in float64 and rounded once to the values' dtype, so the padded and the packed layout of the
+    same tokens give the same fp32 sums (an fp32 sum depends on the order and number of the zeros around the
+    tokens). Devices without float64 (Apple MPS) accumulate in the values' dtype.
+    """
+    wide = values if values.device.type == "mps" else values.double()
+    return sequence_rows(wide, mask, segments, num_sequences)[0].sum(-1).to(values.dtype)
+
+
+class WeightedSequenceLogps(torch.autograd.Function):
+    """``(logps, lse, S)``: per-token log-probs, their log-sum-exp and weighted per-sequence sums ``[num_sequences]``.
+
+    ``S_s = sum_{t in s, valid} w_t logp_t`` (:func:`sequence_sums`: the layout of the tokens, padded rows or
+    packed segments, does not show in the result). ``logps`` and ``S`` are
+    differentiable; ``weights`` are constants. The backward applies ``w_t dL/dS_s`` per token in the same pass
+    that writes ``dlogits`` (inline in the Triton kernel).
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, weights, segments, num_sequences: int, ignore_index: int, backend: str,
+    def forward(ctx, logits, labels, weights, segments, num_sequences: int, ignore_index: int, impl: ModuleType,
                 chunk_size: int):
-        if backend == "triton":
-            from tidpo.kernels.logps import token_logps_fwd
-
-            logps, lse, _ = token_logps_fwd(logits, labels, ignore_index)
-        else:
-            logps, lse = chunked_logps_forward(logits, labels, ignore_index, chunk_size)
+        logps, lse = impl.logps_forward(logits, labels, ignore_index, chunk_size)
         valid = labels != ignore_index
         w = torch.ones_like(logps) if weights is None else weights.detach().to(logps.dtype)
-        sums = sequence_rows(w * logps, valid, segments, num_sequences)[0].sum(-1)
+        sums = sequence_sums(w * logps, valid, segments, num_sequences)
         ctx.save_for_backward(logits, labels, lse, w, segments)
-        ctx.ignore_index, ctx.backend, ctx.chunk_size = ignore_index, backend, chunk_size
-        return logps, sums
+        ctx.ignore_index, ctx.impl, ctx.chunk_size = ignore_index, impl, chunk_size
+        ctx.mark_non_differentiable(lse)
+        return logps, lse, sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_logps, grad_sums):
+    def backward(ctx, grad_logps, _grad_lse, grad_sums):
         logits, labels, lse, w, segments = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 8
-        if ctx.backend == "triton":
-            from tidpo.kernels.logps import token_logps_bwd
-
-            dlogits = token_logps_bwd(logits, labels, lse, grad_logps, ctx.ignore_index, seq_grad=grad_sums,
-                                      weights=w, segments=segments)
-        else:
-            per_token = grad_sums[segments].reshape(labels.shape) if segments is not None else grad_sums[:, None]
-            grad = grad_logps.to(lse.dtype) + w * per_token.to(lse.dtype)
-            dlogits = chunked_logps_backward(logits, labels, lse, grad, ctx.ignore_index, ctx.chunk_size)
+        dlogits = ctx.impl.logps_backward(logits, labels, lse, grad_logps, ctx.ignore_index, ctx.chunk_size,
+                                          seq_grad=grad_sums, weights=w, segments=segments)
         return dlogits, None, None, None, None, None, None, None
 
 
 def weighted_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None, *,
                             segments: torch.Tensor | None = None, num_sequences: int | None = None,
-                            ignore_index: int = -100, backend: str | None = None,
+                            ignore_index: int = IGNORE_INDEX, backend: str | None = None,
                             chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs and per-sequence weighted sums ``S_s = sum_{t in s, valid} w_t logp_t``.
 
     Args:
         logits: ``[R, T, V]`` (padded: sequence = row) or, with ``segments``, ``[N, V]`` / ``[1, N, V]``.
-        labels: token ids shaped like ``logits[..., 0]``; ``ignore_index`` marks skipped positions.
+        labels: int64/int32 token ids shaped like ``logits[..., 0]``; ``ignore_index`` marks skipped positions.
         weights: constant token weights shaped like ``labels`` (default: all ones).
-        segments: int64 sequence index of every position, flattened ``[N]`` (packed batches).
+        segments: integer sequence index of every position, ``[N]`` or ``[1, N]`` (packed batches); ids of
+            ignored positions are not used (any value).
         num_sequences: S (required with ``segments``; padded: R).
         backend, chunk_size: see :func:`tidpo.token_logps`.
 
     Returns:
         ``(logps, sums)``: fp32 (fp64 for fp64 logits) ``logps`` shaped like ``labels`` and ``sums``
-        ``[S]``, both differentiable; the backward applies ``w_t dL/dS_s`` per token inline.
+        ``[S]`` (accumulated in float64, so padded and packed layouts of the same tokens agree), both
+        differentiable; the backward applies ``w_t dL/dS_s`` per token inline.
+
+    Raises:
+        TypeError / ValueError: as :func:`tidpo.token_logps`, plus a ``segments`` / ``num_sequences`` mismatch;
+        with value checks on, non-finite logits at a valid position (named).
     """
     check_logits(logits, "logits")
     check_labels(labels, logits, ignore_index)
@@ -99,8 +118,15 @@ def weighted_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, weights:
         if logits.dim() != 3:
             raise ValueError(f"logits must be [R, T, V] without segments, got {tuple(logits.shape)}")
         num_sequences = logits.shape[0]
-    elif num_sequences is None:
-        raise ValueError("num_sequences is required with segments")
-    resolved = resolve_backend(backend, logits, op="logps")
-    return WeightedSequenceLogps.apply(logits, labels, weights, segments, num_sequences, ignore_index, resolved,
-                                       resolve_chunk_size(chunk_size, logits.shape[-1]))
+    else:
+        if num_sequences is None:
+            raise ValueError("num_sequences is required with segments")
+        check_int(num_sequences, "num_sequences", low=1)
+        if segments.numel() != labels.numel():
+            raise ValueError(f"segments has {segments.numel()} entries for {labels.numel()} labels")
+        segments = segments.reshape(-1).long()
+    impl = implementation(resolve_backend(backend, logits, op="logps"))
+    logps, lse, sums = WeightedSequenceLogps.apply(logits, labels, weights, segments, num_sequences, ignore_index,
+                                                   impl, resolve_chunk_size(chunk_size, logits.shape[-1]))
+    check_finite_positions(lse, labels != ignore_index, "logits", "are not finite")
+    return logps, sums

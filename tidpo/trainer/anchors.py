@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from tidpo._model_state import eval_mode
-from tidpo._validation import IGNORE_INDEX
+from tidpo._validation import IGNORE_INDEX, check_int, check_number
 
 ANCHOR_SOURCES = ("prompt", "chosen")
 
@@ -46,13 +46,11 @@ def chosen_prefix_context(input_ids: torch.Tensor, attention_mask: torch.Tensor,
         ``context_ids`` / ``context_mask`` ``[B, C]`` (LEFT-padded, ``C`` the longest context) and
         ``prefix_lengths`` ``[B]`` long: ``k`` per row, the trailing context tokens that belong to the response.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"fraction must be in [0, 1), got {fraction!r}")
+    check_number(fraction, "fraction", low=0.0, high=1.0, high_open=True)
     if labels.shape != input_ids.shape or attention_mask.shape != input_ids.shape:
         raise ValueError(f"input_ids, attention_mask and labels must have one shape, got {tuple(input_ids.shape)}, "
                          f"{tuple(attention_mask.shape)} and {tuple(labels.shape)}")
-    if not 0 < num_pairs <= input_ids.shape[0] // 2:
-        raise ValueError(f"num_pairs must be in [1, {input_ids.shape[0] // 2}], got {num_pairs}")
+    check_int(num_pairs, "num_pairs", low=1, high=input_ids.shape[0] // 2)
     ids, mask, lab = input_ids[:num_pairs], attention_mask[:num_pairs], labels[:num_pairs]
     response_len = (lab != ignore_index).sum(-1)
     prompt_len = mask.long().sum(-1) - response_len

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tidpo.losses import TripletAnchor
-from tidpo.losses.output import metric_total
+from tidpo.losses.output import per_pair
 from tidpo.ops import token_logps
 from tidpo.trainer.anchors import chosen_prefix_context, sample_anchors
 from tidpo.weights.attribution import ti_dpo_token_weights, weight_entropy
@@ -115,11 +115,14 @@ class TrainingBatch:
 
     @property
     def online_weight_metrics(self) -> dict:
-        """``weights/entropy`` (per sequence) and, on CPU, ``ti/attribution_seconds`` (per step)."""
+        """``weights/entropy`` (per response: each pair adds its two) and, when training on CPU,
+        ``ti/attribution_seconds`` (per step)."""
         valid = self.labels != self.ignore_index
-        metrics = {"weights/entropy": metric_total(weight_entropy(self.online_weights, valid, per_row=True))}
-        if self.attribution_seconds is not None:
-            metrics["ti/attribution_seconds"] = metric_total(torch.tensor(self.attribution_seconds))
+        entropy = weight_entropy(self.online_weights, valid, per_row=True)
+        chosen, rejected = entropy[:self.num_pairs], entropy[self.num_pairs:]
+        metrics = {"weights/entropy": per_pair(chosen + rejected, torch.full_like(chosen, 2.0))}
+        if self.attribution_seconds is not None and self.model.training:
+            metrics["ti/attribution_seconds"] = per_pair(torch.tensor([self.attribution_seconds]))
         return metrics
 
     # -- TI-DPO anchors ----------------------------------------------------------------------------------

@@ -6,13 +6,13 @@ next to all of ``TrainingArguments`` (``--learning-rate``, ``--per-device-train-
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import TrainingArguments
 
-from tidpo._validation import check_choice
+from tidpo._validation import check_choice, check_int, check_non_negative, check_number, check_positive
 from tidpo.data.tokenization import TRUNCATION_MODES
 from tidpo.losses import KL_FORMS
 from tidpo.trainer.anchors import ANCHOR_SOURCES
@@ -139,9 +139,10 @@ class TokenWeightedDPOConfig(TrainingArguments):
         "official: use the official TI-DPO code's values (beta 0.2, gamma 1e-3, triplet margin 1e-3, lambda 0.2, "
         "sigma = n/8, whole-sequence importance) instead of the paper's defaults; overrides those fields"))
     disable_dropout: bool = field(default=True, metadata=_help(
-        "switch off every dropout of the policy and the reference model (nn.Dropout modules and the attention "
-        "dropout models apply from their config), as TRL and the released TIS-DPO / TI-DPO code do; LoRA's own "
-        "lora_dropout is kept (set it to 0 for a dropout-free policy)"))
+        "dropout of the policy and the reference model: off by default (--disable-dropout: nn.Dropout modules and "
+        "the attention dropout models apply from their config, as TRL and the released TIS-DPO / TI-DPO code "
+        "do), kept with --no-disable-dropout; LoRA's own lora_dropout is kept either way (set it to 0 for a "
+        "dropout-free policy); saved configs keep their dropout values"))
     remove_unused_columns: bool = field(default=False, metadata=_help(
         "kept False: the preference collator reads every tokenised column"))
 
@@ -155,32 +156,27 @@ class TokenWeightedDPOConfig(TrainingArguments):
             check_choice(self.ti_preset, "ti_preset", ("official",))
         check_choice(self.importance_scope, "importance_scope", SCOPES)
         check_choice(self.ti_importance, "ti_importance", IMPORTANCES)
-        _check_number(self.gamma, "gamma", low=0.0)
-        _check_number(self.triplet_margin, "triplet_margin", low=0.0)
-        _check_number(self.ti_lambda, "ti_lambda", low=0.0, high=1.0 + 1e-12)
-        _check_number(self.prior_sigma_div, "prior_sigma_div", low=0.0, low_open=True)
-        _check_number(self.kl_coef, "kl_coef", low=0.0)
-        _check_number(self.anchor_top_p, "anchor_top_p", low=0.0, low_open=True, high=1.0 + 1e-12)
-        _check_number(self.anchor_temperature, "anchor_temperature", low=0.0, low_open=True)
+        for name in ("gamma", "triplet_margin", "kl_coef"):
+            check_non_negative(getattr(self, name), name)
+        check_number(self.ti_lambda, "ti_lambda", low=0.0, high=1.0)
+        check_positive(self.prior_sigma_div, "prior_sigma_div")
+        check_number(self.anchor_top_p, "anchor_top_p", low=0.0, low_open=True, high=1.0)
+        check_positive(self.anchor_temperature, "anchor_temperature")
         check_choice(self.anchor_source, "anchor_source", ANCHOR_SOURCES)
-        _check_number(self.anchor_chosen_fraction, "anchor_chosen_fraction", low=0.0, high=1.0)
+        check_number(self.anchor_chosen_fraction, "anchor_chosen_fraction", low=0.0, high=1.0, high_open=True)
         for name in ("anchor_max_new_tokens", "anchor_top_k"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
-                    or getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            check_int(getattr(self, name), name, low=1)
         check_choice(self.truncation_mode, "truncation_mode", TRUNCATION_MODES)
         check_choice(self.kl_form, "kl_form", KL_FORMS)
         if self.loss_backend is not None:
             check_choice(self.loss_backend, "loss_backend", ("auto", "torch", "triton"))
-        _check_number(self.beta, "beta", low=0.0, low_open=True)
-        _check_number(self.alpha, "alpha", low=0.0)
-        _check_number(self.label_smoothing, "label_smoothing", low=0.0, high=0.5)
+        check_positive(self.beta, "beta")
+        check_non_negative(self.alpha, "alpha")
+        check_number(self.label_smoothing, "label_smoothing", low=0.0, high=0.5, high_open=True)
         if self.kl_form != "released" and not self.token_level:
             raise ValueError(f"kl_form={self.kl_form!r} selects a KL term: it needs token_level=True")
         for name in ("max_length", "max_prompt_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(getattr(self, name), name, low=1)
         if self.max_prompt_length >= self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
                              f"({self.max_length}) so that some response tokens survive truncation")
@@ -203,14 +199,28 @@ class TokenWeightedDPOConfig(TrainingArguments):
                 setattr(self, name, value)
 
     def _check_unread_fields(self) -> None:
-        """A method field the loss does not read must keep its default: a set value would be ignored silently."""
+        """A method field the loss never reads must keep its default: a set value would be ignored silently. One
+        the loss reads only in other settings (``anchor_top_k`` with ``gamma=0``) gets a warning: a sweep may
+        set it for every run. A field ``ti_preset`` sets and the user set to something else is a conflict."""
         defaults = {f.name: f.default for f in fields(TokenWeightedDPOConfig)}
         spec = self.loss_spec
         for name in method_fields():
-            if name not in spec.fields and getattr(self, name) != defaults[name]:
-                readers = " / ".join(repr(loss) for loss in readers_of(name))
-                raise ValueError(f"{name}={getattr(self, name)!r} is not read by loss={self.loss!r}: it applies to "
-                                 f"loss {readers} only (leave it at its default, {defaults[name]!r})")
+            value = getattr(self, name)
+            if value == defaults[name] or spec.reads(name, self):
+                continue
+            if name in spec.fields:
+                warnings.warn(f"{name}={value!r} is not used by loss={self.loss!r} in this setting: it is read only "
+                              f"{spec.conditions[name][1]}", UserWarning, stacklevel=4)
+                continue
+            readers = " / ".join(repr(loss) for loss in readers_of(name))
+            raise ValueError(f"{name}={value!r} is not read by loss={self.loss!r}: it applies to loss {readers} only "
+                             f"(leave it at its default, {defaults[name]!r})")
+        if self.ti_preset is not None:
+            for name, preset in TI_OFFICIAL_PRESET.items():
+                value = getattr(self, name)
+                if value not in (defaults[name], preset):
+                    raise ValueError(f"ti_preset={self.ti_preset!r} sets {name}={preset!r}, but {name}={value!r} was "
+                                     "given too: drop one of them")
 
     @property
     def loss_spec(self) -> LossSpec:
@@ -221,11 +231,3 @@ class TokenWeightedDPOConfig(TrainingArguments):
     def reference_need(self) -> str:
         """What the loss needs from the reference model: ``"none"``, ``"logps"`` or ``"logits"``."""
         return self.loss_spec.reference_need(self)
-
-
-def _check_number(value, name: str, *, low: float, high: float | None = None, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low or (low_open and value == low) or (high is not None and value >= high):
-        bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'})"
-        raise ValueError(f"{name} must be in {bounds}, got {value!r}")

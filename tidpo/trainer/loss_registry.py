@@ -11,11 +11,11 @@ online token weights, anchors) and nothing else.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tidpo.losses import LossOutput, dpo_loss, tdpo_loss, ti_dpo_loss, tis_dpo_loss
-from tidpo.losses.output import TokenMeanOutput, metric_total
+from tidpo.losses.output import TokenMeanOutput, per_pair
 from tidpo.ops import token_logps
 
 if TYPE_CHECKING:
@@ -27,6 +27,10 @@ REFERENCE_LOGPS = "logps"  # per-token log-probs of the labels (may be precomput
 REFERENCE_LOGITS = "logits"  # the full distribution at every step (KL terms over the vocabulary)
 #: Where a loss's token weights come from.
 WEIGHTS_NONE, WEIGHTS_DATA, WEIGHTS_ONLINE = "none", "data", "online"
+#: What a loss averages over: the pairs (preference losses) or the response tokens (SFT) of the global batch.
+MEAN_OVER_PAIRS, MEAN_OVER_TOKENS = "pairs", "tokens"
+#: A field read only in some settings: ``(predicate of the config, the settings in words)``.
+Condition = tuple[Callable[[object], bool], str]
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,10 @@ class LossSpec:
         weights: :data:`WEIGHTS_NONE` / :data:`WEIGHTS_DATA` (per-token weight columns of the data) /
             :data:`WEIGHTS_ONLINE` (computed from the policy at every step).
         fields: the method fields of the config the loss reads; any other method field must keep its default.
-        token_mean: the loss is a mean over the response tokens of the whole global batch (all micro-batches
-            of a gradient-accumulation step, all processes), not a mean over pairs.
+        conditions: fields among ``fields`` read only in some settings (:data:`Condition`): set in other
+            settings, they would be ignored, so they must keep their default there too.
+        mean_over: :data:`MEAN_OVER_PAIRS` or :data:`MEAN_OVER_TOKENS`: the loss is the mean of its per-item
+            losses over the whole global batch (all micro-batches of a gradient-accumulation step, all processes).
     """
 
     name: str
@@ -54,7 +60,22 @@ class LossSpec:
     reference_logits_field: str | None = None
     weights: str = WEIGHTS_NONE
     fields: tuple[str, ...] = ()
-    token_mean: bool = False
+    conditions: dict[str, Condition] = field(default_factory=dict)
+    mean_over: str = MEAN_OVER_PAIRS
+
+    def reads(self, name: str, config) -> bool:
+        """Whether the loss reads config field ``name`` under ``config``."""
+        if name not in self.fields:
+            return False
+        condition = self.conditions.get(name)
+        return condition is None or bool(condition[0](config))
+
+    def count_items(self, labels, ignore_index: int):
+        """The items a collated batch's ``labels`` ``[2B, T]`` hold: its B pairs, or its chosen response tokens."""
+        num_pairs = labels.shape[0] // 2
+        if self.mean_over == MEAN_OVER_TOKENS:
+            return (labels[:num_pairs, 1:] != ignore_index).sum()
+        return labels.new_tensor(num_pairs)
 
     def reference_need(self, config) -> str:
         """What this loss needs from the reference model under ``config``."""
@@ -100,7 +121,7 @@ def _ti_dpo(batch: TrainingBatch) -> LossOutput:
     out = ti_dpo_loss(batch.policy_logits, batch.ref_logits, batch.labels, weights, beta=args.beta,
                       alpha=args.alpha, gamma=args.gamma, triplet_margin=args.triplet_margin, anchor=anchor,
                       kl_coef=args.kl_coef, **batch.op_kwargs)
-    out.metric_totals.update(batch.online_weight_metrics)
+    out.metric_parts.update(batch.online_weight_metrics)
     return out
 
 
@@ -109,15 +130,16 @@ def _sft(batch: TrainingBatch) -> LossOutput:
 
     Only the chosen rows go through the model. With ``reverse`` the data's chosen and rejected are swapped
     first, so this trains on the rejected responses: the two SFT models of the TIS-DPO(S) contrastive pair.
+    Metrics: ``sft/nll`` (per token), ``logps/chosen`` (per pair) and ``sft/tokens`` (response tokens per pair).
     """
     labels = batch.chosen_labels
     logps = token_logps(batch.chosen_logits, labels, batch.ignore_index, backend=batch.args.loss_backend)
-    valid = labels != batch.ignore_index
-    count = valid.sum()
-    nll_sum = -logps.sum()
-    return TokenMeanOutput(nll_sum / count.clamp(min=1), loss_sum=nll_sum, num_tokens=count, metric_totals={
-        "sft/nll": metric_total(nll_sum, count), "logps/chosen": metric_total(logps.sum(-1)),
-        "sft/tokens": metric_total(count.float(), 1)})
+    pair_tokens = (labels != batch.ignore_index).sum(-1)
+    pair_nll = -logps.sum(-1)
+    return TokenMeanOutput(pair_nll.sum() / pair_tokens.sum().clamp(min=1), pair_loss_sums=pair_nll,
+                           pair_tokens=pair_tokens, metric_parts={
+                               "sft/nll": per_pair(pair_nll, pair_tokens), "logps/chosen": per_pair(-pair_nll),
+                               "sft/tokens": per_pair(pair_tokens)})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -126,6 +148,21 @@ def _sft(batch: TrainingBatch) -> LossOutput:
 _TI_DPO_FIELDS = ("beta", "alpha", "gamma", "triplet_margin", "ti_lambda", "prior_sigma_div", "ti_importance",
                   "importance_scope", "kl_coef", "anchor_max_new_tokens", "anchor_top_k", "anchor_top_p",
                   "anchor_temperature", "anchor_source", "anchor_chosen_fraction", "ti_preset")
+_TRIPLET: Condition = (lambda c: c.gamma > 0, "with gamma > 0 (the triplet term and its anchors)")
+_TI_DPO_CONDITIONS: dict[str, Condition] = {
+    **{name: _TRIPLET for name in ("triplet_margin", "anchor_max_new_tokens", "anchor_top_k", "anchor_top_p",
+                                   "anchor_temperature", "anchor_source")},
+    "anchor_chosen_fraction": (lambda c: c.gamma > 0 and c.anchor_source == "chosen",
+                               "with gamma > 0 and anchor_source='chosen'"),
+    "ti_lambda": (lambda c: c.ti_importance == "gradient", "with ti_importance='gradient' (the prior mix)"),
+    "prior_sigma_div": (lambda c: c.ti_importance == "gradient", "with ti_importance='gradient' (the prior mix)"),
+    "importance_scope": (lambda c: c.ti_importance != "uniform", "unless ti_importance='uniform'"),
+}
+_TIS_DPO_CONDITIONS: dict[str, Condition] = {
+    "alpha": (lambda c: c.token_level and c.kl_form != "paper_tdpo1",
+              "with token_level and kl_form 'released' or 'paper_tdpo2'"),
+    "kl_form": (lambda c: c.token_level, "with token_level"),
+}
 
 LOSS_REGISTRY: dict[str, LossSpec] = {spec.name: spec for spec in (
     LossSpec("dpo", "DPO, sigmoid loss (Rafailov et al. 2023); label_smoothing gives conservative DPO",
@@ -139,12 +176,13 @@ LOSS_REGISTRY: dict[str, LossSpec] = {spec.name: spec for spec in (
              _tdpo(2), reference=REFERENCE_LOGITS, fields=("beta", "alpha")),
     LossSpec("tis_dpo", "TIS-DPO (Liu et al. 2025) as released: per-token weights from the data; token_level "
              "adds the weighted KL branch", _tis_dpo, reference_logits_field="token_level", weights=WEIGHTS_DATA,
-             fields=("beta", "alpha", "token_level", "kl_form", "chosen_weights_column", "rejected_weights_column")),
+             fields=("beta", "alpha", "token_level", "kl_form", "chosen_weights_column", "rejected_weights_column"),
+             conditions=_TIS_DPO_CONDITIONS),
     LossSpec("ti_dpo", "TI-DPO (Yang et al. 2026): online gradient-attribution weights, TDPO2 margin, triplet "
              "loss on policy-sampled anchors", _ti_dpo, reference=REFERENCE_LOGITS, weights=WEIGHTS_ONLINE,
-             fields=_TI_DPO_FIELDS),
+             fields=_TI_DPO_FIELDS, conditions=_TI_DPO_CONDITIONS),
     LossSpec("sft", "token-mean NLL of the chosen responses over the global batch (builds TIS-DPO(S) pairs)",
-             _sft, reference=REFERENCE_NONE, token_mean=True),
+             _sft, reference=REFERENCE_NONE, mean_over=MEAN_OVER_TOKENS),
 )}
 LOSSES = tuple(LOSS_REGISTRY)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from tidpo._validation import check_int, check_number
 from tidpo.data import load_preference_rows
 from tidpo.trainer.config import TokenWeightedDPOConfig
 from tidpo.trainer.trainer import TokenWeightedDPOTrainer
@@ -84,16 +85,12 @@ class RunArguments:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         for name in ("lora_r", "lora_alpha"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.eval_size < 0:
-            raise ValueError(f"eval_size must be >= 0, got {self.eval_size}")
-        if self.lora_last_layers is not None and self.lora_last_layers <= 0:
-            raise ValueError(f"lora_last_layers must be positive, got {self.lora_last_layers}")
-        if self.max_train_pairs is not None and self.max_train_pairs <= 0:
-            raise ValueError(f"max_train_pairs must be positive, got {self.max_train_pairs}")
+            check_int(getattr(self, name), name, low=1)
+        check_number(self.lora_dropout, "lora_dropout", low=0.0, high=1.0, high_open=True)
+        check_int(self.eval_size, "eval_size", low=0)
+        for name in ("lora_last_layers", "max_train_pairs"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name, low=1)
         if self.merge_adapter and not self.use_lora:
             raise ValueError("merge_adapter needs use_lora (there is no adapter to merge)")
 
@@ -124,14 +121,18 @@ def load_model_and_tokenizer(name: str, dtype: torch.dtype = torch.float32):
     return model, tokenizer
 
 
-def load_train_eval_rows(args: RunArguments) -> tuple[list[dict], list[dict] | None]:
-    """Training and held-out rows (dicts with prompt / chosen / rejected [+ weights])."""
+def load_train_eval_rows(args: RunArguments, conversational: bool = True) -> tuple[list[dict], list[dict] | None]:
+    """Training and held-out rows (dicts with prompt / chosen / rejected [+ weights]).
+
+    ``conversational``: the embedded pairs as chat messages (for a tokenizer with a chat template) or plain text.
+    """
     if args.data == EMBEDDED:
         if args.weights is not None:
             raise ValueError("--weights needs --data PATH: a weights file must match the rows of a data file")
         from tidpo.embedded import chatterbot_pairs
 
-        train, held_out = chatterbot_pairs(seed=args.seed_split, num_heldout=max(args.eval_size, 1))
+        train, held_out = chatterbot_pairs(seed=args.seed_split, num_heldout=max(args.eval_size, 1),
+                                           conversational=conversational)
         held_out = held_out[:args.eval_size] if args.eval_size else None
     else:
         train = load_preference_rows(args.data, weights=args.weights)
@@ -210,7 +211,7 @@ def build_trainer(run: RunArguments, config: TokenWeightedDPOConfig, callbacks=N
     ref_model = None if run.ref_model is None else load_model_and_tokenizer(run.ref_model, dtype)[0]
     if run.use_lora:
         model = apply_lora(model, run)
-    train_rows, eval_rows = load_train_eval_rows(run)
+    train_rows, eval_rows = load_train_eval_rows(run, conversational=tokenizer.chat_template is not None)
     if eval_rows is not None and config.eval_strategy == "no":
         logger.info("held-out pairs given but --eval-strategy no: evaluating only at the end")
     return TokenWeightedDPOTrainer(model, config, train_dataset=train_rows, eval_dataset=eval_rows,

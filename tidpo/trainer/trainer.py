@@ -14,17 +14,17 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from tidpo._model_state import disable_dropout, eval_mode
+from tidpo._model_state import ConfigDropout, disable_dropout, eval_mode
 from tidpo._validation import IGNORE_INDEX
 from tidpo.data import PreferenceCollator, PreferenceDataset, load_preference_rows, tokenize_preference_rows
 from tidpo.data.collator import ALIGNED_BATCH_COLUMNS
 from tidpo.losses import PreferenceLossOutput
-from tidpo.losses.output import MetricTotal, metric_total
+from tidpo.losses.output import per_pair
 from tidpo.trainer.anchors import end_of_turn_ids
 from tidpo.trainer.batch import TrainingBatch
 from tidpo.trainer.config import TokenWeightedDPOConfig
 from tidpo.trainer.loss_registry import REFERENCE_LOGITS, REFERENCE_NONE, WEIGHTS_DATA
-from tidpo.trainer.reference import frozen_copy, placement_of, precompute_reference_logps
+from tidpo.trainer.reference_model import frozen_copy, placement_of, precompute_reference_logps
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ class TokenWeightedDPOTrainer(Trainer):
             raise ValueError(f"loss={args.loss!r} uses no reference model; do not pass ref_model")
         if args.disable_dropout:
             self._disable_dropout(model, ref_model)
+        explicit_ref_model = ref_model is not None
         if data_collator is None:
             data_collator = PreferenceCollator(processing_class.pad_token_id, ignore_index=IGNORE_INDEX)
         self.ignore_index = _collator_ignore_index(data_collator)
@@ -121,7 +122,7 @@ class TokenWeightedDPOTrainer(Trainer):
                             for k, d in eval_dataset.items()}
         else:
             eval_dataset = self._prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
-        _check_reference_sources(args, ref_model, train_dataset, eval_dataset)
+        _check_reference_sources(args, explicit_ref_model, train_dataset, eval_dataset)
         self._uses_adapter_reference = ref_model is None and is_peft_model(model)
         if ref_model is None and not self._uses_adapter_reference and spec.reference != REFERENCE_NONE:
             ref_model = frozen_copy(model)
@@ -130,15 +131,19 @@ class TokenWeightedDPOTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self.loss_spec = spec
-        # A preference loss is a mean over pairs: the Trainer divides it by the gradient-accumulation steps
-        # and never rescales it by token counts or world size. A token-mean loss (sft) is divided by the
-        # token count of the whole global batch instead (compute_loss), so it is already scaled.
-        self.model_accepts_loss_kwargs = spec.token_mean
-        self.loss_is_scaled_for_ga = spec.token_mean
+        self._explicit_ref_model = explicit_ref_model
+        # Every loss is the mean of its per-item losses (pairs, or tokens for sft) over the whole global batch:
+        # compute_loss divides the micro-batch's sum by the item count of all micro-batches of the step and all
+        # processes (num_items_in_batch, get_batch_samples), so the Trainer must not divide by the accumulation
+        # steps again. Uneven micro-batches then weigh every item alike, as one big batch would.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        # Dropout probabilities that live in the models' configs: zeroed while training, saved as given.
+        self._config_dropout = ConfigDropout(model, ref_model) if args.disable_dropout else ConfigDropout()
         #: Ids that end a reply (TI-DPO anchors): the model's generation config and the tokenizer's EOS.
         self.end_of_turn_ids = end_of_turn_ids(model, processing_class)
         self._attribution_seconds: float | None = None  # TI-DPO on CPU: set by the loss, read by training_step
-        self._metric_totals: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._metric_totals: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}  # key -> [sum, count]
         self._evaluation_depth = 0
         self.ref_model = None
         if ref_model is not None:
@@ -230,19 +235,36 @@ class TokenWeightedDPOTrainer(Trainer):
         return out
 
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
-        """The Trainer's micro-batches of one optimiser step; for a token-mean loss, their global token count.
+        """The Trainer's micro-batches of one optimiser step, and the number of items their loss averages over.
 
-        ``num_items_in_batch`` is then the number of response tokens the loss averages over (the chosen rows'
-        labels, with this trainer's ``ignore_index``) in all micro-batches of the step, summed over processes
-        when ``average_tokens_across_devices`` (the Trainer's default).
+        ``num_items_in_batch`` counts the loss's items (:meth:`~tidpo.trainer.LossSpec.count_items`: the pairs,
+        or the chosen response tokens for ``sft``) in all micro-batches of the step, summed over processes when
+        ``average_tokens_across_devices`` (the Trainer's default).
         """
-        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, *args, **kwargs)
-        if self.loss_spec.token_mean and batches:
-            counts = [(b["labels"][:b["labels"].shape[0] // 2, 1:] != self.ignore_index).sum() for b in batches]
-            num_items = torch.stack(counts).sum().to(self.args.device)
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                num_items = self.accelerator.gather(num_items).sum()
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not batches:
+            return batches, None
+        counts = [self.loss_spec.count_items(b["labels"], self.ignore_index) for b in batches]
+        num_items = torch.stack(counts).sum().to(self.args.device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            num_items = self.accelerator.gather(num_items).sum()
         return batches, num_items
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, with the dropout probabilities of the models' configs zeroed meanwhile."""
+        self._metric_totals["train"].clear()
+        with self._config_dropout.zeroed():
+            return super().train(*args, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        # Checkpoints and save_model() write the config with the user's dropout, not the zeros used in training.
+        with self._config_dropout.original():
+            super()._save(output_dir, state_dict)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """The Trainer's step; for TI-DPO on CPU also logs ``ti/step_seconds`` and ``ti/attribution_share``.
@@ -255,19 +277,19 @@ class TokenWeightedDPOTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._attribution_seconds is not None:
             seconds = time.perf_counter() - start
-            self._accumulate_metrics({"ti/step_seconds": metric_total(torch.tensor(seconds)),
-                                      "ti/attribution_share": metric_total(torch.tensor(self._attribution_seconds
-                                                                                        / seconds))}, "train")
+            self._add_totals({"ti/step_seconds": per_pair(torch.tensor([seconds])),
+                              "ti/attribution_share": per_pair(torch.tensor([self._attribution_seconds / seconds]))},
+                             "train")
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = self.preference_loss(model, inputs)
-        self._accumulate_metrics(out.metric_totals, "train")
+        self._add_totals(out.metric_parts, "train")
         loss = out.loss
-        if self.loss_spec.token_mean and num_items_in_batch is not None:
-            # Mean over the tokens of the global batch: DDP averages the gradients over processes, so a
+        if num_items_in_batch is not None:
+            # The mean over the items of the whole global batch. DDP averages the gradients over processes, so a
             # count summed over processes is compensated by the world size.
-            loss = out.loss_sum / num_items_in_batch
+            loss = out.item_sum() / num_items_in_batch
             if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
                 loss = loss * self.accelerator.num_processes
         return (loss, out) if return_outputs else loss
@@ -276,7 +298,7 @@ class TokenWeightedDPOTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
             out = self.preference_loss(model, inputs)
-        self._accumulate_metrics({**out.metric_totals, _LOSS_KEY: out.loss_total}, "eval")
+        self._add_eval_parts({**out.metric_parts, _LOSS_KEY: out.loss_parts()})
         loss = out.loss.detach()
         if prediction_loss_only or not isinstance(out, PreferenceLossOutput):
             return loss, None, None
@@ -286,22 +308,32 @@ class TokenWeightedDPOTrainer(Trainer):
 
     # ----------------------------------------------------------------------------------------------
     # metrics
-    def _accumulate_metrics(self, totals: dict[str, MetricTotal], mode: str) -> None:
-        """Add ``{key: (sum, count)}`` to the running totals of ``mode`` (on the device: no sync)."""
+    def _add_totals(self, parts: dict, mode: str) -> None:
+        """Add the ``(sum, count)`` of each metric's per-pair parts to the running totals of ``mode`` (no sync)."""
         bucket = self._metric_totals[mode]
-        for key, (total, count) in totals.items():
-            pair = torch.stack([total.float(), count.float()]).to(self.accelerator.device)
+        for key, (sums, counts) in parts.items():
+            pair = torch.stack([sums.sum(), counts.sum()]).to(self.accelerator.device)
             bucket[key] = bucket[key] + pair if key in bucket else pair
 
+    def _add_eval_parts(self, parts: dict) -> None:
+        """Evaluation: gather the per-pair parts of all processes, without the pairs a distributed sampler
+        repeats to even out the last batch (``gather_for_metrics``), and add them to the totals."""
+        keys = sorted(parts)
+        stacked = torch.stack([torch.stack(parts[key], dim=-1).to(self.accelerator.device) for key in keys], dim=1)
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.gather_for_metrics(stacked)  # [pairs of all processes, keys, 2]
+        self._add_totals({key: (stacked[:, i, 0], stacked[:, i, 1]) for i, key in enumerate(keys)}, "eval")
+
     def _reduce_metrics(self, mode: str) -> dict[str, float]:
-        """The accumulated means of ``mode`` (sums and counts added over processes), then reset."""
+        """The accumulated means of ``mode``, then reset. Training totals are added over processes here; the
+        evaluation ones were gathered batch by batch already."""
         bucket = self._metric_totals[mode]
         if not bucket:
             return {}
         keys = sorted(bucket)
         totals = torch.stack([bucket[key] for key in keys])
         bucket.clear()
-        if self.accelerator.num_processes > 1:
+        if mode == "train" and self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         # The one device-to-host transfer of the metrics.
         return {key: total / count for key, (total, count) in zip(keys, totals.tolist(), strict=True) if count > 0}
@@ -309,13 +341,12 @@ class TokenWeightedDPOTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """``Trainer.evaluate``; the preference metrics come back (and are logged) under its prefix.
 
-        ``eval_dataset`` takes every form the constructor does (rows, files, ``datasets`` objects, a dict of them).
+        ``eval_dataset`` takes every form the constructor does (rows, files, ``datasets`` objects, a dict of them),
+        or the name of one of the constructor's evaluation datasets.
         """
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {k: self._prepare_dataset(d, self.processing_class, self.args, f"eval_dataset[{k!r}]")
-                            for k, d in eval_dataset.items()}
-        else:
-            eval_dataset = self._prepare_dataset(eval_dataset, self.processing_class, self.args, "eval_dataset")
+        if not (isinstance(eval_dataset, str) and isinstance(self.eval_dataset, dict) and
+                eval_dataset in self.eval_dataset):
+            eval_dataset = self._prepare_eval_dataset(eval_dataset, "eval_dataset")
         self._evaluation_depth += 1
         try:
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
@@ -327,8 +358,20 @@ class TokenWeightedDPOTrainer(Trainer):
 
         ``test_dataset`` takes every form the constructor does.
         """
-        test_dataset = self._prepare_dataset(test_dataset, self.processing_class, self.args, "test_dataset")
+        test_dataset = self._prepare_eval_dataset(test_dataset, "test_dataset")
         return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def _prepare_eval_dataset(self, dataset, name: str):
+        """A dataset (or dict of datasets) handed to evaluate / predict, tokenised and checked like the
+        constructor's."""
+        if isinstance(dataset, dict):
+            dataset = {k: self._prepare_dataset(d, self.processing_class, self.args, f"{name}[{k!r}]")
+                       for k, d in dataset.items()}
+        else:
+            dataset = self._prepare_dataset(dataset, self.processing_class, self.args, name)
+        if not self.args.precompute_ref_logps:
+            _check_reference_sources(self.args, self._explicit_ref_model, None, dataset)
+        return dataset
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
@@ -345,8 +388,9 @@ class TokenWeightedDPOTrainer(Trainer):
         return output
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self._evaluation_depth == 0:
-            # A training log: the train metrics accumulated since the last one.
+        if self._evaluation_depth == 0 and "loss" in logs:
+            # A periodic training log: the train metrics accumulated since the last one. (The run's final
+            # summary, with train_loss over the whole run, gets none: they would cover only its last steps.)
             logs.update(self._reduce_metrics("train"))
         super().log(logs, start_time)
 
@@ -364,7 +408,8 @@ def _carries_reference(dataset) -> bool:
     return any(d is not None and REF_LOGPS_COLUMNS[0] in getattr(d, "column_names", ()) for d in datasets)
 
 
-def _check_reference_sources(args: TokenWeightedDPOConfig, ref_model, train_dataset, eval_dataset) -> None:
+def _check_reference_sources(args: TokenWeightedDPOConfig, explicit_ref_model: bool, train_dataset,
+                             eval_dataset) -> None:
     """Refuse two sources of the reference where one would silently win over the other."""
     carried = [name for name, d in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset))
                if _carries_reference(d)]
@@ -372,7 +417,7 @@ def _check_reference_sources(args: TokenWeightedDPOConfig, ref_model, train_data
         return
     columns = " / ".join(repr(c) for c in REF_LOGPS_COLUMNS)
     where = " and ".join(carried)
-    if ref_model is not None:
+    if explicit_ref_model:
         raise ValueError(f"{where} carries precomputed reference log-probs ({columns}) and ref_model is given: "
                          "the trainer would use the columns and never the ref_model. Pass one reference: drop "
                          "ref_model, or drop the columns from the data")

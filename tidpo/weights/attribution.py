@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from tidpo._model_state import eval_mode
+from tidpo._validation import IGNORE_INDEX
 from tidpo.weights.ti import mix_importance
 
 SCOPES = ("response", "sequence")
@@ -53,7 +54,7 @@ def token_importance(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
 
 def ti_dpo_token_weights(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                          labels: torch.Tensor, *, lam: float = 0.7, sigma_div: float = 4.0,
-                         scope: str = "response", ignore_index: int = -100, importance: str = "gradient",
+                         scope: str = "response", ignore_index: int = IGNORE_INDEX, importance: str = "gradient",
                          generator: torch.Generator | None = None) -> torch.Tensor:
     """TI-DPO token weights ``[R, T]`` aligned with the (unshifted) ``labels``; 0 outside the responses.
 

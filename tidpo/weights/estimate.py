@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tidpo.weights import records as io
+from tidpo.weights import records as weight_records
 from tidpo.weights.scoring import PROMPT_TEMPLATES, SCORE_DECIMALS, PairScorer, resolve_template, score_pairs
 from tidpo.weights.tis import TRANSFORMS, tis_dpo_weights
 
@@ -233,27 +233,27 @@ def _check_existing(records: list[dict], rows: list[dict], path: Path) -> None:
 
 def _prepare_output(out: Path, meta: dict, rows: list[dict], resume: bool) -> list[dict]:
     """Records already done for this job (validated), after creating or checking the metadata sidecar."""
-    path, sidecar = io.records_path(out), io.meta_path(out)
+    path, sidecar = weight_records.records_path(out), weight_records.meta_path(out)
     if not resume:
         for stale in {out, path, sidecar}:
             stale.unlink(missing_ok=True)
-    stored = io.read_meta(out)
+    stored = weight_records.read_meta(out)
     if stored is None:
         if out.exists() or path.exists():
             raise ValueError(f"{out} exists but has no metadata file {sidecar}, so it cannot be resumed; delete "
                              "it, use another path, or pass resume=False (--no-resume) to overwrite it")
         out.parent.mkdir(parents=True, exist_ok=True)
-        io.write_meta(out, meta)
+        weight_records.write_meta(out, meta)
         return []
-    differences = io.meta_differences(stored, meta)
+    differences = weight_records.meta_differences(stored, meta)
     if differences:
         raise ValueError(f"{out} was written by another job ({'; '.join(differences)}); delete {out} and {sidecar}, "
                          "use another path, or pass resume=False (--no-resume) to start over")
     if path.exists():
-        existing = io.read_records(path, tolerate_partial_last_line=True)
-        io.write_records(path, existing)  # drops a line cut short by an interruption before appending
+        existing = weight_records.read_records(path, tolerate_partial_last_line=True)
+        weight_records.write_records(path, existing)  # drops a line cut short by an interruption before appending
     elif out.exists():  # a finished Parquet output
-        existing = io.read_records(out)
+        existing = weight_records.read_records(out)
     else:
         existing = []
     _check_existing(existing, rows, path if path.exists() else out)
@@ -325,8 +325,8 @@ def estimate_weights(positive: str, negative: str, data, out, *, transform: str 
     if not isinstance(data, (str, Path)):
         raise TypeError(f"data must be a path to a preference data file or folder, got {type(data).__name__}")
     out = Path(out)
-    if out.suffix not in io.OUTPUT_SUFFIXES:
-        raise ValueError(f"out must end in {' or '.join(io.OUTPUT_SUFFIXES)}, got {str(out)!r}")
+    if out.suffix not in weight_records.OUTPUT_SUFFIXES:
+        raise ValueError(f"out must end in {' or '.join(weight_records.OUTPUT_SUFFIXES)}, got {str(out)!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     params = dict(transform_params or {})
@@ -334,7 +334,8 @@ def estimate_weights(positive: str, negative: str, data, out, *, transform: str 
     templates = (resolve_template(positive_template, "positive_template"),
                  resolve_template(negative_template, "negative_template"))
     rows = load_preference_rows(data)
-    meta = {"data": str(Path(data).resolve()), "num_rows": len(rows), "data_sha256": io.data_fingerprint(rows),
+    meta = {"data": str(Path(data).resolve()), "num_rows": len(rows),
+            "data_sha256": weight_records.data_fingerprint(rows),
             "positive": _model_id(positive), "negative": _model_id(negative), "positive_template": templates[0],
             "negative_template": templates[1], "transform": transform, "transform_params": params,
             "max_length": max_length, "max_prompt_length": max_prompt_length, "truncation_mode": truncation_mode,
@@ -342,7 +343,7 @@ def estimate_weights(positive: str, negative: str, data, out, *, transform: str 
     existing = _prepare_output(out, meta, rows, resume)
     done = {record["row"] for record in existing}
     todo = [index for index in range(len(rows)) if index not in done]
-    path = io.records_path(out)
+    path = weight_records.records_path(out)
     if todo:
         if done:
             logger.info("%s: %d of %d rows already scored, resuming", out, len(done), len(rows))
@@ -354,16 +355,16 @@ def estimate_weights(positive: str, negative: str, data, out, *, transform: str 
                             batch_size=batch_size, progress=progress, negative_tokenizer=negative_tokenizer)
         for batch in scorer.batches(todo):
             weighted = weights_from_scores(batch, method=transform, **params)
-            io.append_records(path, [_record(rows[w["row"]], w) for w in weighted])
-    records = io.read_records(path) if path.exists() else existing
+            weight_records.append_records(path, [_record(rows[w["row"]], w) for w in weighted])
+    records = weight_records.read_records(path) if path.exists() else existing
     order = [record["row"] for record in records]
     if order != list(range(len(rows))):
         if sorted(order) != list(range(len(rows))):
             raise ValueError(f"{path} does not hold every row once after scoring; delete it and start over")
         records = sorted(records, key=lambda record: record["row"])
-        io.write_records(path, records)
+        weight_records.write_records(path, records)
     if out.suffix == ".parquet" and path.exists():
-        io.write_parquet(out, records)
+        weight_records.write_parquet(out, records)
         path.unlink()
     summary = summarize_weights(records)
     logger.info("%s: %d rows\n%s", out, len(rows), format_summary(summary))

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from tidpo.weights.tis import _check_mask, _check_real, _check_scores, _valid_values
+from tidpo._validation import check_number, check_positive
+from tidpo.weights.tis import _check_mask, _check_scores, _valid_values
 
 __all__ = ["gaussian_prior", "mix_importance", "normalize_importance"]
 
@@ -35,20 +36,6 @@ def __getattr__(name: str):
 
         return getattr(attribution, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _check_sigma_div(sigma_div) -> float:
-    v = _check_real(sigma_div, "sigma_div")
-    if v <= 0:
-        raise ValueError(f"sigma_div must be > 0, got {sigma_div!r}")
-    return v
-
-
-def _check_lam(lam) -> float:
-    v = _check_real(lam, "lam")
-    if not 0.0 <= v <= 1.0:
-        raise ValueError(f"lam must be in [0, 1], got {lam!r}")
-    return v
 
 
 def _safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -96,7 +83,7 @@ def gaussian_prior(
         ValueError: ``mask`` is not 2-D, or ``sigma_div <= 0`` / not finite.
     """
     _check_mask(mask)
-    sigma_div = _check_sigma_div(sigma_div)
+    sigma_div = check_positive(sigma_div, "sigma_div")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     return _prior(mask, sigma_div, dtype)
@@ -167,8 +154,8 @@ def mix_importance(
             valid score (checked on CPU tensors only).
     """
     _check_scores(scores, mask)
-    lam = _check_lam(lam)
-    sigma_div = _check_sigma_div(sigma_div)
+    lam = check_number(lam, "lam", low=0.0, high=1.0)
+    sigma_div = check_positive(sigma_div, "sigma_div")
     s = _valid_values(scores, mask)
     prior = _prior(mask, sigma_div, s.dtype)
     i_norm = _normalize(s)

@@ -31,11 +31,9 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from tidpo._validation import check_pair_rows, check_same_device, value_checks_enabled
+from tidpo._validation import check_number, check_pair_rows, check_positive, check_same_device, value_checks_enabled
 
 __all__ = ["TRANSFORMS", "exp_clamp_weights", "tis_dpo_weights", "transform_scores"]
 
@@ -96,17 +94,8 @@ def _check_scores(scores, mask, name: str = "scores", mask_name: str = "mask") -
     return scores
 
 
-def _check_real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return v
-
-
 def _check_order(lo, hi, lo_name: str, hi_name: str, *, strict: bool = False) -> tuple[float, float]:
-    lo_v, hi_v = _check_real(lo, lo_name), _check_real(hi, hi_name)
+    lo_v, hi_v = check_number(lo, lo_name), check_number(hi, hi_name)
     if lo_v > hi_v or (strict and lo_v == hi_v):
         rel = "<" if strict else "<="
         raise ValueError(f"{lo_name} must be {rel} {hi_name}, got {lo_name}={lo!r}, {hi_name}={hi!r}")
@@ -199,9 +188,7 @@ def _transform(s, mask, method, *, top_percent, lower, upper, min_val, max_val, 
     if method == "origin":
         w = s
     elif method == "binary":
-        top_percent = _check_real(top_percent, "top_percent")
-        if not 0.0 < top_percent <= 100.0:
-            raise ValueError(f"top_percent must be in (0, 100], got {top_percent!r}")
+        top_percent = check_number(top_percent, "top_percent", low=0.0, low_open=True, high=100.0)
         w = _binary(s, mask, top_percent)
     elif method == "threshold":
         lower, upper = _check_order(lower, upper, "lower", "upper")
@@ -312,7 +299,7 @@ def _check_mu(mu, rows: int, like: torch.Tensor) -> torch.Tensor:
         if value_checks_enabled(mu) and mu.is_floating_point() and not bool(torch.isfinite(mu).all()):
             raise ValueError("mu holds a non-finite value")
         return mu.detach().to(dtype).unsqueeze(1)
-    return torch.full((rows, 1), _check_real(mu, "mu"), dtype=dtype, device=like.device)
+    return torch.full((rows, 1), check_number(mu, "mu"), dtype=dtype, device=like.device)
 
 
 def _exp_clamp(r: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, k: float, lower: float,
@@ -321,9 +308,7 @@ def _exp_clamp(r: torch.Tensor, mask: torch.Tensor, mu: torch.Tensor, k: float, 
 
 
 def _check_exp_params(k, lower, upper) -> tuple[float, float, float]:
-    k = _check_real(k, "k")
-    if k <= 0:
-        raise ValueError(f"k must be > 0, got {k!r}")
+    k = check_positive(k, "k")
     lower, upper = _check_order(lower, upper, "lower", "upper")
     return k, lower, upper
 
