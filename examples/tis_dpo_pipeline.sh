@@ -23,7 +23,7 @@ TRAIN=(--model embedded --data "$WORK/pairs.jsonl" --eval-data "$WORK/heldout.js
        --save-strategy no "${LIMITS[@]}")
 mkdir -p "$WORK"
 
-tidpo export-pairs --out "$WORK/pairs.jsonl" --heldout-out "$WORK/heldout.jsonl" --num-train "$PAIRS" --num-heldout "$HELDOUT"
+tidpo export-pairs --out "$WORK/pairs.jsonl" --heldout-out "$WORK/heldout.jsonl" --max-train-pairs "$PAIRS" --eval-size "$HELDOUT"
 case "$VARIANT" in
   P)  # one model, contrastive system prompts (the official harmless / harmful pair)
     POS=embedded NEG=embedded

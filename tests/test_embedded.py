@@ -20,8 +20,8 @@ import pytest
 import torch
 import yaml
 
-from tidpo.assets import package_data_dir
-from tidpo.embedded import (
+from tidpo.apps.assets import package_data_dir
+from tidpo.apps.embedded import (
     SMOLLM2_PAD_TOKEN,
     chatterbot_pairs,
     dialog_turns,
@@ -30,7 +30,7 @@ from tidpo.embedded import (
     smollm2_gguf,
     write_jsonl,
 )
-from tidpo.embedded import model as embedded_model
+from tidpo.apps.embedded import model as embedded_model
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -352,7 +352,7 @@ def test_greedy_answer_names_paris(smollm2):
 @pytest.mark.slow
 def test_concurrent_conversion_into_an_empty_cache(tmp_path):
     code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr, format='%(message)s'); "
-            "from tidpo.embedded import smollm2_dir; print(smollm2_dir())")
+            "from tidpo.apps.embedded import smollm2_dir; print(smollm2_dir())")
     env = {**os.environ, "TIDPO_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]

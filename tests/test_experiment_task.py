@@ -9,9 +9,9 @@ import random
 import pytest
 import torch
 
+from tidpo.apps.experiment.metrics import mean_std, roc_auc, weight_auc
+from tidpo.apps.experiment.task import SyntheticTask, TaskConfig
 from tidpo.data import tokenize_preference_rows
-from tidpo.experiment.metrics import mean_std, roc_auc, weight_auc
-from tidpo.experiment.task import SyntheticTask, TaskConfig
 from tidpo.weights import TRANSFORMS
 from tidpo.weights.estimate import METHOD_PARAMS, weights_from_scores
 

@@ -1,4 +1,4 @@
-"""TI-DPO in training: gradient attribution, mixing, anchors and the trainer's `ti_dpo` loss (METHODS.md §3)."""
+"""TI-DPO in training: gradient attribution, mixing, anchors and the trainer's `ti_dpo` loss (docs/methods.md §3)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tidpo.assets import gpt2_tokenizer, tiny_gpt2
+from tidpo.apps.assets import gpt2_tokenizer, tiny_gpt2
 from tidpo.data import PreferenceCollator, tokenize_preference_rows
 from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer
 from tidpo.trainer.anchors import chosen_prefix_context, sample_anchors
@@ -221,10 +221,10 @@ def config(tmp_path, **overrides):
 
 
 def test_ti_dpo_training_steps_log_triplet_and_weights(tmp_path):
-    from tidpo.trainer.run import RunArguments, apply_lora
+    from tidpo.trainer.models import apply_lora
 
     torch.manual_seed(0)
-    model = apply_lora(tiny_gpt2(), RunArguments(model="tiny-gpt2", lora_r=4, lora_alpha=8))
+    model = apply_lora(tiny_gpt2(), r=4, alpha=8)
     trainer = TokenWeightedDPOTrainer(model, config(tmp_path), train_dataset=ROWS, processing_class=gpt2_tokenizer())
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss" in h]
@@ -249,10 +249,10 @@ def test_ti_dpo_ablation_training_steps(tmp_path, importance):
 
 
 def test_ti_dpo_training_with_anchors_continued_from_chosen(tmp_path):
-    from tidpo.trainer.run import RunArguments, apply_lora
+    from tidpo.trainer.models import apply_lora
 
     torch.manual_seed(0)
-    model = apply_lora(tiny_gpt2(), RunArguments(model="tiny-gpt2", lora_r=4, lora_alpha=8))
+    model = apply_lora(tiny_gpt2(), r=4, alpha=8)
     args = config(tmp_path, max_steps=2, anchor_source="chosen", anchor_chosen_fraction=0.5)
     trainer = TokenWeightedDPOTrainer(model, args, train_dataset=ROWS, processing_class=gpt2_tokenizer())
     trainer.train()

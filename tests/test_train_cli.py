@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tidpo.assets import gpt2_tokenizer, tiny_gpt2
+from tidpo.apps.assets import gpt2_tokenizer, tiny_gpt2
 from tidpo.cli import main as cli_main
-from tidpo.train_cli import parse_train_args
+from tidpo.cli.train import parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_parse_applies_cli_defaults_and_validates():
                                     "--lora-target-modules", "c_attn", "c_proj"])
     assert run.lora_r == 4 and run.lora_target_modules == ["c_attn", "c_proj"]
     assert config.loss == "tdpo2" and config.learning_rate == 5e-5 and config.remove_unused_columns is False
-    with pytest.raises(ValueError, match="loss must be one of"):
+    with pytest.raises(SystemExit):  # argparse refuses it, listing the losses
         parse_train_args(["--loss", "orpo"])
     with pytest.raises(ValueError, match=r"lora_r must be in \[1, inf\)"):
         parse_train_args(["--lora-r", "0"])
@@ -95,13 +95,13 @@ def test_train_with_separate_weights_file(tmp_path):
     short.write_text("".join(weights.read_text().splitlines(keepends=True)[:-1]))
     with pytest.raises(ValueError, match="10.*9|9.*10"):
         cli_main(["train", "--model", "tiny-gpt2", "--data", str(data), "--weights", str(short), "--loss", "tis_dpo",
-                  "--max-steps", "1", "--output-dir", str(tmp_path / "o2"), "--use-cpu"])
+                  "--max-steps", "1", "--output-dir", str(tmp_path / "o2"), "--use-cpu", "--debug"])
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a local folder"):
         cli_main(["train", "--model", str(tmp_path / "nope"), "--data", str(write_pairs(tmp_path / "p.jsonl")),
-                  "--output-dir", str(tmp_path / "o")])
+                  "--output-dir", str(tmp_path / "o"), "--debug"])
 
 
 def test_example_script_runs(tmp_path):
@@ -116,12 +116,12 @@ def test_example_script_runs(tmp_path):
 
 
 def test_export_pairs_writes_the_embedded_splits(tmp_path):
+    from tidpo.apps.embedded import chatterbot_pairs
     from tidpo.data import load_preference_rows
-    from tidpo.embedded import chatterbot_pairs
 
     out, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
-    assert cli_main(["export-pairs", "--out", str(out), "--heldout-out", str(held), "--num-train", "10",
-                     "--num-heldout", "4", "--plain"]) == 0
+    assert cli_main(["export-pairs", "--out", str(out), "--heldout-out", str(held), "--max-train-pairs", "10",
+                     "--eval-size", "4", "--plain"]) == 0
     train_rows, held_rows = load_preference_rows(out), load_preference_rows(held)
     expected_train, expected_held = chatterbot_pairs(num_heldout=4, conversational=False, max_reply_words=24)
     assert train_rows == expected_train[:10] and held_rows == expected_held

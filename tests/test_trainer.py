@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from tidpo.assets import gpt2_tokenizer, tiny_gpt2
+from tidpo.apps.assets import gpt2_tokenizer, tiny_gpt2
 from tidpo.trainer import LOSSES, TokenWeightedDPOConfig, TokenWeightedDPOTrainer
-from tidpo.trainer.run import RunArguments, apply_lora
+from tidpo.trainer.models import apply_lora
 
 ROWS = [
     {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a large city in Spain, I think."},
@@ -44,7 +44,7 @@ def with_weights(rows, tokenizer, seed=0):
 
 def lora_model(seed=0):
     torch.manual_seed(seed)
-    return apply_lora(tiny_gpt2(seed=seed), RunArguments(model="tiny-gpt2", lora_r=4, lora_alpha=8))
+    return apply_lora(tiny_gpt2(seed=seed), r=4, alpha=8)
 
 
 def config(tmp_path, **overrides):
@@ -177,7 +177,7 @@ def test_loss_in_trainer_equals_the_functional_loss(tmp_path, tokenizer):
 
 
 def test_tis_dpo_without_weights_is_refused(tmp_path, tokenizer):
-    with pytest.raises(ValueError, match="row 0.*chosen_weights|chosen_weights.*row 0"):
+    with pytest.raises(ValueError, match=r"row 0 \(line 1\).*chosen_weights|chosen_weights.*row 0 \(line 1\)"):
         TokenWeightedDPOTrainer(lora_model(), config(tmp_path, loss="tis_dpo"), train_dataset=ROWS,
                                 processing_class=tokenizer)
 
@@ -216,14 +216,14 @@ def test_trainer_argument_errors(tmp_path, tokenizer):
         TokenWeightedDPOTrainer(plain, config(tmp_path), train_dataset=ROWS, processing_class=tokenizer,
                                 ref_model=plain)
     bad = [dict(ROWS[0]), {"prompt": "Hi", "chosen": "", "rejected": " no"}]
-    with pytest.raises(ValueError, match="row 1"):
+    with pytest.raises(ValueError, match=r"row 1 \(line 2\)"):
         TokenWeightedDPOTrainer(model, config(tmp_path), train_dataset=bad, processing_class=tokenizer)
-    with pytest.raises(ValueError, match="row 0.*rejected|rejected.*row 0"):
+    with pytest.raises(ValueError, match=r"row 0 \(line 1\).*rejected|rejected.*row 0 \(line 1\)"):
         TokenWeightedDPOTrainer(model, config(tmp_path), train_dataset=[{"prompt": "a", "chosen": " b"}],
                                 processing_class=tokenizer)
     weights = with_weights(ROWS, tokenizer)
     weights[2]["chosen_weights"] = weights[2]["chosen_weights"][:-1]
-    with pytest.raises(ValueError, match="row 2"):
+    with pytest.raises(ValueError, match=r"row 2 \(line 3\)"):
         TokenWeightedDPOTrainer(model, config(tmp_path, loss="tis_dpo"), train_dataset=weights,
                                 processing_class=tokenizer)
 
@@ -257,7 +257,8 @@ def test_sft_loss_is_the_mean_nll_of_the_chosen_responses(tmp_path, tokenizer):
 
 
 def test_reverse_swaps_chosen_and_rejected_with_their_weights(tokenizer):
-    from tidpo.trainer.run import load_train_eval_rows, swap_chosen_rejected
+    from tidpo.cli.train import RunArguments, load_train_eval_rows
+    from tidpo.data import swap_chosen_rejected
 
     row = with_weights(ROWS[:1], tokenizer)[0]
     swapped = swap_chosen_rejected(row)

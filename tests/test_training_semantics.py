@@ -24,12 +24,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tidpo import dpo_loss
 from tidpo._model_state import ConfigDropout, disable_dropout
-from tidpo.assets import gpt2_tokenizer, tiny_gpt2
+from tidpo.apps.assets import gpt2_tokenizer, tiny_gpt2
 from tidpo.data import PreferenceCollator
 from tidpo.trainer import LOSS_REGISTRY, LossSpec, TokenWeightedDPOConfig, TokenWeightedDPOTrainer
 from tidpo.trainer.anchors import end_of_turn_ids
 from tidpo.trainer.batch import TrainingBatch
-from tidpo.trainer.run import RunArguments, apply_lora
+from tidpo.trainer.models import apply_lora
 
 ROWS = [
     {"prompt": "The capital of France is", "chosen": " Paris.", "rejected": " a large city in Spain, I think."},
@@ -55,7 +55,7 @@ def config(tmp_path, **overrides):
 
 
 def lora(model, dropout: float = 0.0):
-    return apply_lora(model, RunArguments(model="tiny-gpt2", lora_r=4, lora_alpha=8, lora_dropout=dropout))
+    return apply_lora(model, r=4, alpha=8, dropout=dropout)
 
 
 def train_logs(trainer) -> list[dict]:
@@ -468,7 +468,7 @@ def test_cli_help_lists_every_registered_loss():
     import contextlib
     import io
 
-    from tidpo.train_cli import parse_train_args
+    from tidpo.cli.train import parse_train_args
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
@@ -557,7 +557,7 @@ def test_evaluate_and_predict_refuse_precomputed_reference_beside_ref_model(tmp_
         with pytest.raises(ValueError, match="carries precomputed reference log-probs .* and ref_model is given"):
             call(pre)
     rows = [{**ROWS[0], "chosen_ref_logps": [0.0], "rejected_ref_logps": [0.0]}]
-    with pytest.raises(ValueError, match="row 0 carries 'chosen_ref_logps'"):
+    with pytest.raises(ValueError, match=r"row 0 \(line 1\) carries 'chosen_ref_logps'"):
         trainer.evaluate(rows)
 
 
@@ -589,7 +589,7 @@ def test_sft_metrics_do_not_depend_on_the_eval_batch(tmp_path, tokenizer):
 
 def test_embedded_pairs_follow_the_tokenizer(tmp_path):
     """Chat messages for a tokenizer with a chat template, plain text for one without (the tiny GPT-2)."""
-    from tidpo.trainer.run import build_trainer
+    from tidpo.cli.train import RunArguments, build_trainer
 
     trainer = build_trainer(RunArguments(model="tiny-gpt2", data="embedded", eval_size=2, max_train_pairs=4),
                             config(tmp_path))

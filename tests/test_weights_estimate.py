@@ -16,14 +16,21 @@ import math
 import pytest
 import torch
 
-from tidpo.assets import gpt2_tokenizer, tiny_gpt2
+from tidpo.apps.assets import gpt2_tokenizer, tiny_gpt2
+from tidpo.apps.models import load_model_and_tokenizer
+from tidpo.cli.weights import estimate_main, show_main
 from tidpo.data import load_preference_rows, tokenize_preference_rows
 from tidpo.weights import TRANSFORMS
-from tidpo.weights import records as io
-from tidpo.weights.estimate import METHOD_PARAMS, estimate_weights, summarize_weights, weights_from_scores
+from tidpo.weights import records as weight_records
+from tidpo.weights.estimate import METHOD_PARAMS, summarize_weights, weights_from_scores
+from tidpo.weights.estimate import estimate_weights as _estimate_weights
 from tidpo.weights.scoring import PROMPT_TEMPLATES, apply_template, resolve_template, score_pairs
 from tidpo.weights.visualize import readable_token, show_weights
-from tidpo.weights_cli import estimate_main, show_main
+
+
+def estimate_weights(*args, model_loader=load_model_and_tokenizer, **kwargs):
+    """The library call with the command line's loader, which knows 'tiny-gpt2' (the core loads folders only)."""
+    return _estimate_weights(*args, model_loader=model_loader, **kwargs)
 
 ROWS = [
     {"prompt": "The capital of France is", "chosen": " Paris, a city on the Seine.",
@@ -132,7 +139,8 @@ def test_template_and_model_validation(tokenizer, models):
         score_pairs(*models, tokenizer, ROWS, negative_tokenizer=other, progress=False)
     score_pairs(*models, tokenizer, ROWS[:1], negative_tokenizer=gpt2_tokenizer(), progress=False)  # equal: fine
     long_row = {"prompt": "Say it", "chosen": " word" * 300, "rejected": " no."}
-    with pytest.raises(ValueError, match="row 0: the positive model input has 303 tokens but the model takes at most "
+    with pytest.raises(ValueError, match=r"row 0 \(line 1\): the positive model input has 303 tokens but the"
+                                         r" model takes at most "
                                          "256 positions"):
         score_pairs(*models, tokenizer, [long_row], max_length=1000, progress=False)
 
@@ -151,13 +159,14 @@ def test_conversational_rows_template_the_last_user_message(models):
                       negative_template="harmful", progress=False)[0]
     ids = tokenize_preference_rows([row], tokenizer, progress=False)[0]
     assert len(out["chosen_scores"]) == len(ids["chosen_input_ids"]) - 1
-    with pytest.raises(ValueError, match="row 0: a prompt template applies to .* last 'user' message"):
+    with pytest.raises(ValueError, match=r"row 0 \(line 1\): a prompt template applies to .* last 'user' message"):
         apply_template({**row, "prompt": [{"role": "system", "content": "x"}]}, "Q: {prompt}", 0)
     # A chat template that renders the reply depending on the prompt: the response ids change.
     tokenizer.chat_template = CHAT_TEMPLATE.replace(
         "{{ m['content'] }}\n", "{{ m['content'] }}{% if m['role'] == 'assistant' and loop.last %} "
                                 "[{{ messages[-2]['content'] | length }}]{% endif %}\n")
-    with pytest.raises(ValueError, match="row 0: the chosen response tokenises differently with the positive"):
+    with pytest.raises(ValueError, match=r"row 0 \(line 1\): the chosen response tokenises differently with"
+                                         r" the positive"):
         score_pairs(models[0], models[0], tokenizer, [row], positive_template="harmless",
                     negative_template="harmful", progress=False)
 
@@ -191,13 +200,13 @@ def test_weights_from_scores_methods_and_truncated_tokens():
 
 def test_truncated_rows_align_with_the_trainer_and_train(tmp_path, tokenizer, models, files):
     from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer
-    from tidpo.trainer.run import RunArguments, apply_lora
+    from tidpo.trainer.models import apply_lora
 
     data, negative = files
     limits = {"max_length": 16, "max_prompt_length": 4, "truncation_mode": "keep_end"}
     out = tmp_path / "w.jsonl"
     result = estimate_weights("tiny-gpt2", str(negative), data, out, progress=False, **limits)
-    written = io.read_records(out)
+    written = weight_records.read_records(out)
     kept = tokenize_preference_rows(ROWS, tokenizer, weights_columns=None, progress=False, **limits)
     truncated = 0
     for row, record, item in zip(ROWS, written, kept, strict=True):
@@ -222,7 +231,7 @@ def test_truncated_rows_align_with_the_trainer_and_train(tmp_path, tokenizer, mo
     config = TokenWeightedDPOConfig(output_dir=str(tmp_path / "run"), use_cpu=True, per_device_train_batch_size=2,
                                     max_steps=2, learning_rate=5e-3, logging_steps=1, save_strategy="no",
                                     report_to=[], disable_tqdm=True, seed=0, loss="tis_dpo", **limits)
-    model = apply_lora(tiny_gpt2(seed=0), RunArguments(model="tiny-gpt2", lora_r=4, lora_alpha=8))
+    model = apply_lora(tiny_gpt2(seed=0), r=4, alpha=8)
     trainer = TokenWeightedDPOTrainer(model, config, train_dataset=rows, processing_class=tokenizer)
     for index, record in enumerate(written):
         item = trainer.train_dataset[index]
@@ -242,7 +251,7 @@ def test_interrupted_run_resumes_to_the_same_file(tmp_path, files, monkeypatch):
     estimate_weights("tiny-gpt2", str(negative), data, full, **kwargs)
 
     out = tmp_path / "resumed.jsonl"
-    original, calls = io.append_records, []
+    original, calls = weight_records.append_records, []
 
     def interrupt_after_first_batch(path, records):
         if calls:
@@ -250,49 +259,46 @@ def test_interrupted_run_resumes_to_the_same_file(tmp_path, files, monkeypatch):
         calls.append(len(records))
         original(path, records)
 
-    monkeypatch.setattr(io, "append_records", interrupt_after_first_batch)
+    monkeypatch.setattr(weight_records, "append_records", interrupt_after_first_batch)
     with pytest.raises(KeyboardInterrupt):
         estimate_weights("tiny-gpt2", str(negative), data, out, **kwargs)
     monkeypatch.undo()
-    assert [r["row"] for r in io.read_records(out)] == [0]
+    assert [r["row"] for r in weight_records.read_records(out)] == [0]
     with open(out, "a", encoding="utf-8") as handle:
         handle.write('{"row": 1, "prom')  # a write cut short by the interruption
     result = estimate_weights("tiny-gpt2", str(negative), data, out, **kwargs)
     assert (result["resumed"], result["scored"]) == (1, 2)
     assert out.read_text(encoding="utf-8") == full.read_text(encoding="utf-8")
 
-    with pytest.raises(ValueError, match="written by another job.*transform: 'rank_based' != 'exp_clamp'"):
+    with pytest.raises(ValueError, match="holds the weights of another job.*transform: 'rank_based' != 'exp_clamp'"):
         estimate_weights("tiny-gpt2", str(negative), data, out, transform="exp_clamp", **kwargs)
-    with pytest.raises(ValueError, match="written by another job.*positive_template"):
+    with pytest.raises(ValueError, match="holds the weights of another job.*positive_template"):
         estimate_weights("tiny-gpt2", str(negative), data, out, positive_template="harmless", **kwargs)
     stray = tmp_path / "stray.jsonl"
     stray.write_text("{}\n")
-    with pytest.raises(ValueError, match="has no metadata file"):
+    with pytest.raises(ValueError, match="has no job record"):
         estimate_weights("tiny-gpt2", str(negative), data, stray, **kwargs)
     again = estimate_weights("tiny-gpt2", str(negative), data, out, transform="exp_clamp", resume=False, **kwargs)
-    assert again["resumed"] == 0 and json.loads(io.meta_path(out).read_text())["transform"] == "exp_clamp"
+    assert again["resumed"] == 0 and json.loads(weight_records.meta_path(out).read_text())["transform"] == "exp_clamp"
 
 
 def test_parquet_output_and_same_model_loaded_once(tmp_path, files, monkeypatch):
-    import tidpo.trainer.run as run
-
     data, _ = files
     loads = []
-    original = run.load_model_and_tokenizer
-    monkeypatch.setattr(run, "load_model_and_tokenizer", lambda *a, **k: loads.append(a[0]) or original(*a, **k))
     out = tmp_path / "w.parquet"
     result = estimate_weights("tiny-gpt2", "tiny-gpt2", data, out, positive_template="harmless",
                               negative_template="harmful", transform="exp_clamp",
-                              transform_params={"lower": -1.0, "upper": 1.0}, progress=False)
+                              transform_params={"lower": -1.0, "upper": 1.0}, progress=False,
+                              model_loader=lambda *a: loads.append(a[0]) or load_model_and_tokenizer(*a))
     assert loads == ["tiny-gpt2"]
-    assert not io.records_path(out).exists() and out.is_file()
+    assert not weight_records.records_path(out).exists() and out.is_file()
     rows = load_preference_rows(data, weights=out)
     assert len(rows) == len(ROWS) and all(math.exp(-1) - 1e-6 <= w <= math.e + 1e-6
                                           for row in rows for w in row["chosen_weights"])
     assert estimate_weights("tiny-gpt2", "tiny-gpt2", data, out, positive_template="harmless",
                             negative_template="harmful", transform="exp_clamp",
                             transform_params={"lower": -1.0, "upper": 1.0}, progress=False)["scored"] == 0
-    summary = summarize_weights(io.read_records(out))
+    summary = summarize_weights(weight_records.read_records(out))
     assert summary == result["summary"] and 0.0 <= summary["chosen"]["rhat_positive"] <= 1.0
     with pytest.raises(ValueError, match="min_scale must be <= max_scale"):
         estimate_weights("tiny-gpt2", "tiny-gpt2", data, tmp_path / "bad.jsonl",
@@ -316,7 +322,7 @@ def test_show_weights_pictures_and_html(tmp_path, files):
         assert paths[key].read_bytes()[:8] == PNG_MAGIC
     page = paths["html"].read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>") and "<script" not in page
-    for record in io.read_records(weights):
+    for record in weight_records.read_records(weights):
         for name in ("chosen", "rejected"):
             for token in record[f"{name}_tokens"]:
                 assert f">{html.escape(readable_token(token))}</span>" in page
@@ -327,7 +333,7 @@ def test_show_weights_pictures_and_html(tmp_path, files):
 
 
 def test_cli_estimate_show_and_train(tmp_path, files, capsys):
-    from tidpo.train_cli import main as train_main
+    from tidpo.cli.train import main as train_main
 
     data, _ = files
     out, view = tmp_path / "w.jsonl", tmp_path / "view"
@@ -337,7 +343,7 @@ def test_cli_estimate_show_and_train(tmp_path, files, capsys):
     assert estimate_main([*common, "--min-scale", "0.5", "--max-scale", "1.5"]) == 0
     printed = capsys.readouterr().out
     assert "chosen" in printed and f"wrote {len(ROWS)} rows to {out}" in printed
-    weights = [w for r in io.read_records(out) for w in r["chosen_weights"] + r["rejected_weights"]]
+    weights = [w for r in weight_records.read_records(out) for w in r["chosen_weights"] + r["rejected_weights"]]
     assert min(weights) == pytest.approx(0.5) and max(weights) == pytest.approx(1.5)
     assert show_main(["--weights", str(out), "--out", str(view), "--rows", "0", "2", "--max-tokens", "50"]) == 0
     assert json.loads(capsys.readouterr().out)["html"] == str(view / "weights.html")

@@ -1,7 +1,7 @@
 """TI-DPO prior and λ-mix (tidpo.weights.ti) against straightforward per-row Python references.
 
 The references loop over rows and valid tokens in plain Python floats (float64) and implement
-METHODS.md §3.1 directly from its text; they share no code with the implementation.
+docs/methods.md §3.1 directly from its text; they share no code with the implementation.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """TIS-DPO weight transforms (tidpo.weights.tis) against straightforward per-row Python references.
 
 The references below loop over rows and valid tokens in plain Python floats (float64) and implement
-METHODS.md §2.4 directly from its text; they share no code with the implementation.
+docs/methods.md §2.4 directly from its text; they share no code with the implementation.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ DETERMINISTIC = ("origin", "binary", "threshold", "threshold_and_scale", "rank_b
 
 
 def ref_row(vals: list[float], method: str, p: dict) -> list[float]:
-    """Weights of one response's valid tokens, in their order, from METHODS.md §2.4."""
+    """Weights of one response's valid tokens, in their order, from docs/methods.md §2.4."""
     n = len(vals)
     if method == "origin":
         return list(vals)
@@ -283,7 +283,7 @@ def test_exp_clamp_matches_reference_and_ranges():
         # the range is actually reached at both ends
         assert math.isclose(w[mask].min().item(), lo, rel_tol=1e-6)
         assert math.isclose(w[mask].max().item(), hi, rel_tol=1e-6)
-    # μ = +1: chosen weights in [0.61, 4.48]; μ = −1: rejected weights in [0.22, 1.65] (METHODS §2.4)
+    # μ = +1: chosen weights in [0.61, 4.48]; μ = −1: rejected weights in [0.22, 1.65] (docs/methods.md §2.4)
     assert round(math.exp(-0.5), 2) == 0.61 and round(math.exp(1.5), 2) == 4.48
 
 

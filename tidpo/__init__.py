@@ -5,6 +5,7 @@ vocab softmax in memory. Layout: a batch of B pairs is 2B rows, rows [0, B) chos
 rejected; ``logits[:, t]`` predicts ``labels[:, t]``; ``labels == -100`` marks prompt and padding.
 """
 
+from tidpo.data.collator import preference_inputs
 from tidpo.losses import (
     DPOLoss,
     PreferenceLossOutput,
@@ -24,5 +25,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DPOLoss", "PreferenceLossOutput", "SequencePacking", "TDPOLoss", "TIDPOLoss", "TISDPOLoss", "TripletAnchor",
-    "dpo_loss", "tdpo_loss", "ti_dpo_loss", "tis_dpo_loss", "token_kl", "token_logps",
+    "dpo_loss", "preference_inputs", "tdpo_loss", "ti_dpo_loss", "tis_dpo_loss", "token_kl", "token_logps",
 ]

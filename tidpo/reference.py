@@ -10,7 +10,7 @@ Layout (TRL / DESIGN.md): a batch of B preference pairs is 2B rows, rows ``[0, B
 ``[B, 2B)`` rejected; ``logits[:, t]`` predicts ``labels[:, t]``; ``labels == ignore_index`` marks
 prompt and padding. Per-token log-ratio ``rho_t = log pi(y_t) - log ref(y_t)`` on valid tokens.
 
-Formulas and their METHODS.md sections:
+Formulas and their docs/methods.md sections:
 
 - per-token log-prob (§0, §4.1): ``logp_t = x_t[y_t] - logsumexp(x_t)``
 - per-position KL (§0): ``KL_t(p||q) = sum_v p_v (log p_v - log q_v)`` from log-softmax values
@@ -90,7 +90,7 @@ def _outputs(losses, chosen_rewards, rejected_rewards, logits):
 
 def dpo_loss(policy_logits, labels, ref_logps=None, ref_logits=None, beta=0.1, loss_type="sigmoid",
              label_smoothing=0.0, ignore_index=IGNORE_INDEX, dtype=None):
-    """DPO as TRL defines ``sigmoid``, ``hinge`` and ``ipo`` (METHODS.md §0, §4.2).
+    """DPO as TRL defines ``sigmoid``, ``hinge`` and ``ipo`` (docs/methods.md §0, §4.2).
 
     Returns a dict with ``loss`` (mean over pairs), ``losses`` ``[B]``, ``chosen_rewards``,
     ``rejected_rewards`` (``beta * (policy - ref)`` of the same per-sequence log-probs the loss
@@ -119,7 +119,7 @@ def dpo_loss(policy_logits, labels, ref_logps=None, ref_logits=None, beta=0.1, l
 
 def tdpo_loss(policy_logits, ref_logits, labels, beta=0.1, alpha=0.5, variant=2,
               ignore_index=IGNORE_INDEX, dtype=None):
-    """TDPO1 / TDPO2 (METHODS.md §1.1); KL is the forward ``KL(ref || policy)``, unweighted."""
+    """TDPO1 / TDPO2 (docs/methods.md §1.1); KL is the forward ``KL(ref || policy)``, unweighted."""
     mask = labels != ignore_index
     rho = token_logps(policy_logits, labels, ignore_index, dtype) - _ref_logps(
         labels, None, ref_logits, ignore_index, dtype)
@@ -145,7 +145,7 @@ def weighted_logratio_sums(policy_logits, labels, weights, ref_logps=None, ref_l
 
 def tis_dpo_loss(policy_logits, labels, weights, ref_logps=None, ref_logits=None, beta=0.1,
                  token_level=False, alpha=0.5, kl_form="released", ignore_index=IGNORE_INDEX, dtype=None):
-    """TIS-DPO as released (METHODS.md §2.3) or with the paper's eta term (§2.2).
+    """TIS-DPO as released (docs/methods.md §2.3) or with the paper's eta term (§2.2).
 
     Rewards: ``beta m^w``; ``beta (m^w - K)`` in the released ``token_level`` branch (weighted KL(pi || ref));
     ``beta (m^w + K')`` with the paper's forms (weighted KL(ref || pi)).
@@ -174,7 +174,7 @@ def tis_dpo_loss(policy_logits, labels, weights, ref_logps=None, ref_logits=None
 
 def packed_triplet_loss(anchor_logratios, anchor_mask, chosen_logratios, chosen_mask,
                         rejected_logratios, rejected_mask, margin):
-    """Triplet loss per pair (METHODS.md §3.3), written as a loop over pairs for clarity.
+    """Triplet loss per pair (docs/methods.md §3.3), written as a loop over pairs for clarity.
 
     Each input is ``[B, T_*]``; valid entries of a row are packed (re-indexed from 0) and compared
     position by position up to the shorter of the two lengths. Returns ``[B]``.
@@ -194,7 +194,7 @@ def packed_triplet_loss(anchor_logratios, anchor_mask, chosen_logratios, chosen_
 def ti_dpo_loss(policy_logits, ref_logits, labels, weights, beta=0.1, alpha=0.5, gamma=0.1,
                 triplet_margin=1e-3, anchor_logits=None, anchor_labels=None, anchor_ref_logps=None,
                 anchor_ref_logits=None, kl_coef=0.0, ignore_index=IGNORE_INDEX, dtype=None):
-    """TI-DPO: weighted TDPO2 margin + kl_coef·mean KL + gamma·triplet (METHODS.md §3.2-3.4)."""
+    """TI-DPO: weighted TDPO2 margin + kl_coef·mean KL + gamma·triplet (docs/methods.md §3.2-3.4)."""
     mask = labels != ignore_index
     w = _cast(weights, dtype)
     rho = token_logps(policy_logits, labels, ignore_index, dtype) - _ref_logps(

@@ -10,9 +10,10 @@
   ``[B, 2B)`` rejected) with labels, weights and reference log-probs (:mod:`tidpo.data.collator`).
 """
 
-from tidpo.data.collator import PreferenceCollator
+from tidpo.data.collator import PreferenceCollator, preference_inputs
 from tidpo.data.dataset import PreferenceDataset
-from tidpo.data.loading import load_preference_rows
+from tidpo.data.loading import load_preference_rows, swap_chosen_rejected
 from tidpo.data.tokenization import tokenize_preference_rows
 
-__all__ = ["PreferenceCollator", "PreferenceDataset", "load_preference_rows", "tokenize_preference_rows"]
+__all__ = ["PreferenceCollator", "PreferenceDataset", "load_preference_rows", "preference_inputs",
+           "swap_chosen_rejected", "tokenize_preference_rows"]

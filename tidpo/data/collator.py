@@ -9,7 +9,7 @@ import torch
 from tidpo._validation import IGNORE_INDEX, check_int
 from tidpo.data.dataset import ITEM_COLUMNS
 
-__all__ = ["ALIGNED_BATCH_COLUMNS", "PreferenceCollator"]
+__all__ = ["ALIGNED_BATCH_COLUMNS", "PreferenceCollator", "preference_inputs"]
 
 #: Optional token-aligned per-response columns -> the batch tensor they fill.
 ALIGNED_BATCH_COLUMNS = {
@@ -169,3 +169,37 @@ def _scatter_aligned(items, columns: tuple[str, str], sequences, length: int) ->
                 f"response has {len(response)} tokens")
         out[row, len(prompt):len(prompt) + len(response)] = torch.as_tensor(values, dtype=torch.float32)
     return out
+
+
+def preference_inputs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],
+                      rejected_ids: Sequence[Sequence[int]], *, pad_token_id: int,
+                      ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
+    """Model inputs and loss labels of B pairs from token ids, for your own training loop.
+
+    The :class:`PreferenceCollator` layout (rows ``[0, B)`` prompt + chosen, ``[B, 2B)`` prompt + rejected,
+    right-padded), plus the labels every tidpo loss takes: shifted by one so that ``logits[:, :-1]`` predicts
+    them. Each response should end with its EOS / end-of-turn token (:func:`tidpo.data.tokenize_preference_rows`
+    adds it).
+
+    Args:
+        prompt_ids / chosen_ids / rejected_ids: B lists of token ids each (a prompt needs at least one token).
+        pad_token_id: the padding id.
+        ignore_index: the label of prompt and padding positions.
+
+    Returns:
+        ``input_ids`` / ``attention_mask`` ``[2B, T]`` (the model's inputs), ``labels`` ``[2B, T - 1]`` (shifted:
+        pass ``model(...).logits[:, :-1]`` with them) and ``response_mask`` ``[2B, T - 1]`` (``labels !=
+        ignore_index``: the response tokens, the positions token weights or reference log-probs belong to).
+
+    Raises:
+        ValueError: the three lists differ in length, or a prompt or response is empty.
+    """
+    if not (len(prompt_ids) == len(chosen_ids) == len(rejected_ids)) or not prompt_ids:
+        raise ValueError(f"prompt_ids, chosen_ids and rejected_ids must hold the same number (>= 1) of sequences, "
+                         f"got {len(prompt_ids)}, {len(chosen_ids)} and {len(rejected_ids)}")
+    items = [{"row": i, "prompt_input_ids": list(p), "chosen_input_ids": list(c), "rejected_input_ids": list(r)}
+             for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids, strict=True))]
+    batch = PreferenceCollator(pad_token_id, ignore_index=ignore_index)(items)
+    labels = batch["labels"][:, 1:]
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels,
+            "response_mask": labels != ignore_index}

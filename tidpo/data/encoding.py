@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from tidpo.data.loading import row_label
+
 __all__ = ["encode_chat_batch", "encode_plain_batch", "is_conversational"]
 
 
@@ -42,7 +44,7 @@ def is_conversational(row: Mapping, index: int) -> bool:
         for column in ("chosen", "rejected"):
             if not isinstance(row[column], str):
                 raise ValueError(
-                    f"row {index}: {column!r} must be a string like 'prompt' (plain-text row), "
+                    f"{row_label(index)}: {column!r} must be a string like 'prompt' (plain-text row), "
                     f"got {type(row[column]).__name__}")
         return False
     if isinstance(prompt, (list, tuple)):
@@ -50,7 +52,7 @@ def is_conversational(row: Mapping, index: int) -> bool:
             _check_messages(row[column], index, column)
         return True
     raise ValueError(
-        f"row {index}: 'prompt' must be a string (plain-text row) or a list of {{'role', 'content'}} messages "
+        f"{row_label(index)}: 'prompt' must be a string (plain-text row) or a list of {{'role', 'content'}} messages "
         f"(conversational row), got {type(prompt).__name__}")
 
 
@@ -74,12 +76,12 @@ def encode_plain_batch(tokenizer, rows: Sequence[Mapping], indices: Sequence[int
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(
-            f"row {indices[0]}: the tokenizer has no eos_token_id, but plain-text rows end each response with "
+            f"{row_label(indices[0])}: the tokenizer has no eos_token_id, but plain-text rows end each response with "
             "EOS; set tokenizer.eos_token")
     for row, index in zip(rows, indices, strict=True):
         for column in ("prompt", "chosen", "rejected"):
             if not row[column].strip():
-                raise ValueError(f"row {index}: {column!r} is empty or only whitespace")
+                raise ValueError(f"{row_label(index)}: {column!r} is empty or only whitespace")
     bos = tokenizer.bos_token_id
     bos_text, eos_text = getattr(tokenizer, "bos_token", None), tokenizer.eos_token
     prompts = tokenizer([_from_bos(row["prompt"], bos_text) for row in rows], add_special_tokens=True)["input_ids"]
@@ -126,7 +128,7 @@ def encode_chat_batch(tokenizer, rows: Sequence[Mapping], indices: Sequence[int]
         return []
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
-            f"row {indices[0]} is conversational (its prompt is a list of messages) but the tokenizer has no "
+            f"{row_label(indices[0])} is conversational (its prompt is a list of messages) but the tokenizer has no "
             "chat_template; set tokenizer.chat_template, or pass plain-text rows (strings), which need none")
     terminator = _reply_terminator(tokenizer)
     encoded = []
@@ -139,12 +141,12 @@ def encode_chat_batch(tokenizer, rows: Sequence[Mapping], indices: Sequence[int]
             full_ids = _chat_ids(tokenizer, prompt + reply, add_generation_prompt=False, index=index)
             if full_ids[: len(prompt_ids)] != prompt_ids:
                 raise ValueError(
-                    f"row {index}: the chat template renders prompt + {column} so that it does not start with "
+                    f"{row_label(index)}: the chat template renders prompt + {column} so that it does not start with "
                     "the rendered prompt (add_generation_prompt=True); the response tokens cannot be separated "
                     "from the prompt with this template")
             response_ids = full_ids[len(prompt_ids):]
             if not response_ids:
-                raise ValueError(f"row {index}: {column!r} renders to no tokens after the prompt")
+                raise ValueError(f"{row_label(index)}: {column!r} renders to no tokens after the prompt")
             responses.append(response_ids)
         encoded.append((prompt_ids, responses[0], responses[1]))
     return encoded
@@ -182,12 +184,12 @@ def _without_suffix(message, terminator: str):
 def _check_messages(messages, index: int, column: str) -> None:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(
-            f"row {index}: {column!r} must be a non-empty list of {{'role', 'content'}} messages "
+            f"{row_label(index)}: {column!r} must be a non-empty list of {{'role', 'content'}} messages "
             f"(conversational row), got {_kind(messages)}")
     for position, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise ValueError(
-                f"row {index}: {column!r} message {position} must be a dict with 'role' and 'content', "
+                f"{row_label(index)}: {column!r} message {position} must be a dict with 'role' and 'content', "
                 f"got {_kind(message)}")
 
 
@@ -199,7 +201,7 @@ def _chat_ids(tokenizer, messages: list, *, add_generation_prompt: bool, index: 
         out = out["input_ids"]
     ids = _single_leading_bos(list(out), getattr(tokenizer, "bos_token_id", None))
     if not all(isinstance(token, int) for token in ids):
-        raise ValueError(f"row {index}: apply_chat_template did not return a flat list of token ids")
+        raise ValueError(f"{row_label(index)}: apply_chat_template did not return a flat list of token ids")
     return ids
 
 

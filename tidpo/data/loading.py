@@ -13,17 +13,26 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PREFERENCE_COLUMNS", "WEIGHT_COLUMNS", "load_preference_rows"]
+__all__ = ["PREFERENCE_COLUMNS", "TOKEN_COLUMNS", "WEIGHT_COLUMNS", "load_preference_rows", "row_label",
+           "swap_chosen_rejected"]
 
 #: Columns every preference row must have (TRL's explicit-prompt preference format).
 PREFERENCE_COLUMNS: tuple[str, str, str] = ("prompt", "chosen", "rejected")
 #: Columns holding a row's token weights.
 WEIGHT_COLUMNS: tuple[str, str] = ("chosen_weights", "rejected_weights")
+#: Columns of a weights file (``tidpo estimate-weights``) with the tokens the weights belong to: the tokeniser
+#: compares them with its own tokens, so weights estimated with another tokenizer or template are refused.
+TOKEN_COLUMNS: tuple[str, str] = ("chosen_tokens", "rejected_tokens")
 
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 #: Files that mark a ``datasets`` ``save_to_disk`` folder (``Dataset`` and ``DatasetDict`` respectively).
 _SAVED_DATASET_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")
 _INSTALL_DATA_EXTRA = 'pip install "tidpo[data]"'
+
+
+def row_label(index: int) -> str:
+    """How error messages name a data row: its 0-based index and, for files, the line it is on."""
+    return f"row {index} (line {index + 1})"
 
 
 def load_preference_rows(source, *, weights=None) -> list[dict[str, Any]]:
@@ -64,7 +73,7 @@ def load_preference_rows(source, *, weights=None) -> list[dict[str, Any]]:
         missing = [column for column in PREFERENCE_COLUMNS if column not in row]
         if missing:
             raise ValueError(
-                f"row {index} of {_describe(source)} has no {missing[0]!r} column (found {sorted(row)}); "
+                f"{row_label(index)} of {_describe(source)} has no {missing[0]!r} column (found {sorted(row)}); "
                 f"preference rows need {list(PREFERENCE_COLUMNS)} (TRL's explicit-prompt format)")
     if weights is not None:
         _merge_weights(rows, _read_records(weights, "weights"), weights)
@@ -86,18 +95,19 @@ def _merge_weights(rows: list[dict], weight_rows: list[dict], weights) -> None:
         for column in WEIGHT_COLUMNS:
             if column not in weight_row:
                 raise ValueError(
-                    f"weights row {index} has no {column!r} column (found {sorted(weight_row)}); "
+                    f"weights {row_label(index)} has no {column!r} column (found {sorted(weight_row)}); "
                     f"weights rows need {list(WEIGHT_COLUMNS)}")
             if column in row:
                 raise ValueError(
-                    f"row {index} already has a {column!r} column and weights were given as well; "
+                    f"{row_label(index)} already has a {column!r} column and weights were given as well; "
                     "drop the column from the data or pass weights=None to use it")
         if "prompt" in weight_row and weight_row["prompt"] != row["prompt"]:
             raise ValueError(
-                f"weights row {index} has prompt {_preview(weight_row['prompt'])} but data row {index} has "
-                f"prompt {_preview(row['prompt'])}; the weights were made for other data (or another order)")
-        for column in WEIGHT_COLUMNS:
-            row[column] = weight_row[column]
+                f"weights {row_label(index)} has prompt {_preview(weight_row['prompt'])} but data {row_label(index)} "
+                f"has prompt {_preview(row['prompt'])}; the weights were made for other data (or another order)")
+        for column in (*WEIGHT_COLUMNS, *TOKEN_COLUMNS):
+            if column in weight_row:
+                row[column] = weight_row[column]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,14 +138,15 @@ def _check_records(records, name: str, origin: str | None = None) -> list[dict]:
     for index, record in enumerate(records):
         if not isinstance(record, Mapping):
             where = f" of {origin}" if origin else ""
-            raise TypeError(f"{name} row {index}{where} must be a dict, got {type(record).__name__}")
+            raise TypeError(f"{name} {row_label(index)}{where} must be a dict, got {type(record).__name__}")
         out.append(dict(record))
     return out
 
 
 def _read_path(path: Path, name: str) -> list[dict]:
     if not path.exists():
-        raise FileNotFoundError(f"{name} path does not exist: {path}")
+        what = "data" if name == "source" else name
+        raise FileNotFoundError(f"{what} file or folder {str(path)!r} does not exist")
     if path.is_dir():
         return _read_folder(path, name)
     return _read_file(path, name)
@@ -228,3 +239,13 @@ def _describe(source) -> str:
 def _preview(value, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def swap_chosen_rejected(row: dict) -> dict:
+    """The pair with chosen and rejected exchanged (weight columns too): y_l ≻ y_w (the negative model of a
+    TIS-DPO (S) / (D) pair trains on these)."""
+    out = dict(row)
+    out["chosen"], out["rejected"] = row["rejected"], row["chosen"]
+    if "chosen_weights" in row or "rejected_weights" in row:
+        out["chosen_weights"], out["rejected_weights"] = row.get("rejected_weights"), row.get("chosen_weights")
+    return out

@@ -31,7 +31,7 @@ class PairBatch:
     labels: torch.Tensor
     weights: torch.Tensor | None
     policy_logps: torch.Tensor
-    ref_logps: torch.Tensor
+    ref_logps: torch.Tensor | None  # None: the reference came as per-sequence sums [2B] (TRL's form)
     mask: torch.Tensor
     num_pairs: int
     weighted_margins: torch.Tensor
@@ -43,6 +43,9 @@ class PairBatch:
     @property
     def log_ratios(self) -> torch.Tensor:
         """``rho_t = log pi(y_t) - log ref(y_t)`` on valid tokens, 0 elsewhere."""
+        if self.ref_logps is None:
+            raise ValueError("this loss needs per-token reference log-probs shaped like labels (ref_logps [2B, T] "
+                             "or ref_logits), not per-sequence sums [2B]")
         return torch.where(self.mask, self.policy_logps - self.ref_logps, 0.0)
 
     def rows(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,9 +85,10 @@ def pair_batch(policy_logits, labels, *, ref_logps=None, ref_logits=None, weight
                packing: SequencePacking | None = None) -> PairBatch:
     """Validate inputs; compute policy log-probs and weighted margins (differentiable), reference (constant).
 
-    Exactly one of ``ref_logps`` (precomputed per-token reference log-probs) and ``ref_logits``
-    must be given; the reference is never differentiated. ``weights`` (constants) weight the margins.
-    Packed inputs may mix ``[N, ...]`` and ``[1, N, ...]`` shapes (logits, labels, per-token tensors, segment ids).
+    Exactly one of ``ref_logps`` (precomputed per-token reference log-probs, or — padded layout, no weights —
+    per-sequence sums ``[2B]`` as TRL precomputes them) and ``ref_logits`` must be given; the reference is never
+    differentiated. ``weights`` (constants) weight the margins. Packed inputs may mix ``[N, ...]`` and
+    ``[1, N, ...]`` shapes (logits, labels, per-token tensors, segment ids).
     """
     v.check_logits(policy_logits, "policy_logits")
     if require_ref_logits and ref_logits is None:
@@ -108,7 +112,18 @@ def pair_batch(policy_logits, labels, *, ref_logps=None, ref_logits=None, weight
         weights = None if weights is None else _packed_view(weights, num_tokens, "weights")
         num_pairs = check_packing(packing, labels, ignore_index)
     v.check_labels(labels, policy_logits, ignore_index, logits_name="policy_logits")
-    if ref_logits is not None:
+    per_sequence = (packing is None and ref_logps is not None and isinstance(ref_logps, torch.Tensor)
+                    and ref_logps.dim() == 1 and labels.dim() == 2)
+    if per_sequence:
+        if weights is not None:
+            raise ValueError("ref_logps are per-sequence sums [2B], but this loss weights every token's log-ratio: "
+                             "give per-token reference log-probs shaped like labels [2B, T], or ref_logits")
+        if not ref_logps.is_floating_point() or tuple(ref_logps.shape) != (2 * num_pairs,):
+            raise ValueError(f"ref_logps must be per-token [2B, T] = {tuple(labels.shape)} or per-sequence sums "
+                             f"[2B] = [{2 * num_pairs}] (floating point), got {ref_logps.dtype} "
+                             f"{tuple(ref_logps.shape)}")
+        v.check_same_device(ref_logps, labels, "ref_logps", "labels")
+    elif ref_logits is not None:
         v.check_logits(ref_logits, "ref_logits")
         v.check_same_logits_shape(ref_logits, policy_logits, "ref_logits", "policy_logits")
     else:
@@ -119,14 +134,17 @@ def pair_batch(policy_logits, labels, *, ref_logps=None, ref_logits=None, weight
     policy_logps, policy_sums = weighted_sequence_logps(
         policy_logits, labels, weights, segments=segments, num_sequences=2 * num_pairs, ignore_index=ignore_index,
         backend=backend, chunk_size=chunk_size)
-    if ref_logps is None:
-        with torch.no_grad():
-            ref_logps = token_logps(ref_logits.detach(), labels, ignore_index, backend=backend,
-                                    chunk_size=chunk_size)
     mask = labels != ignore_index
-    ref_logps = torch.where(mask, ref_logps.detach().to(policy_logps.dtype), 0.0)
-    w = 1.0 if weights is None else weights.detach().to(policy_logps.dtype)
-    ref_sums = sequence_sums(w * ref_logps, mask, segments, 2 * num_pairs)
+    if per_sequence:
+        ref_sums, ref_logps = ref_logps.detach().to(policy_logps.dtype), None
+    else:
+        if ref_logps is None:
+            with torch.no_grad():
+                ref_logps = token_logps(ref_logits.detach(), labels, ignore_index, backend=backend,
+                                        chunk_size=chunk_size)
+        ref_logps = torch.where(mask, ref_logps.detach().to(policy_logps.dtype), 0.0)
+        w = 1.0 if weights is None else weights.detach().to(policy_logps.dtype)
+        ref_sums = sequence_sums(w * ref_logps, mask, segments, 2 * num_pairs)
     return PairBatch(policy_logits, ref_logits, labels, weights, policy_logps, ref_logps, mask, num_pairs,
                      policy_sums - ref_sums, segments, ignore_index, backend, chunk_size)
 
@@ -157,6 +175,8 @@ def build_output(losses, chosen_rewards, rejected_rewards, batch: PairBatch, *,
         "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
         "logps/chosen": pol_w,
         "logps/rejected": pol_l,
+        # The policy's own preference (summed log-probs): at step 0 the base model's preference rate.
+        "logps/accuracies": (pol_w > pol_l).to(chosen_rewards.dtype),
         **(pair_metrics or {}),
     }
     parts = {key: per_pair(values) for key, values in pairs.items()}

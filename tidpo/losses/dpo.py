@@ -48,7 +48,7 @@ def dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, *, ref_logps: to
              label_smoothing: float = 0.0, ignore_index: int = IGNORE_INDEX,
              packing: SequencePacking | None = None, backend: str | None = None,
              chunk_size: int | None = None) -> PreferenceLossOutput:
-    """Direct Preference Optimisation from policy logits (METHODS.md §0, §4.2; TRL's definitions).
+    """Direct Preference Optimisation from policy logits (docs/methods.md §0, §4.2; TRL's definitions).
 
     With per-sequence sums ``S(y) = sum_t [log pi(y_t) - log ref(y_t)]`` over valid tokens,
     ``h = S(y_w) - S(y_l)`` and:
@@ -63,7 +63,8 @@ def dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, *, ref_logps: to
         policy_logits: ``[2B, T, V]`` (rows [0, B) chosen, [B, 2B) rejected), any float dtype;
             may be a strided view such as ``model_logits[:, :-1]``.
         labels: ``[2B, T]`` token ids, ``ignore_index`` on prompt and padding.
-        ref_logps: ``[2B, T]`` precomputed reference per-token log-probs, or
+        ref_logps: ``[2B, T]`` precomputed reference per-token log-probs, or their per-sequence sums ``[2B]``
+            (as TRL's ``precompute_ref_log_probs`` stores them; padded layout), or
         ref_logits: ``[2B, T, V]`` reference logits (exactly one of the two).
         beta: inverse temperature (> 0). Default 0.1.
         loss_type: ``"sigmoid"`` | ``"ipo"`` | ``"hinge"``.

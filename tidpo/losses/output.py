@@ -73,8 +73,9 @@ class PreferenceLossOutput(LossOutput):
         metric_parts / metric_totals / metrics: TRL-style keys. Pair metrics, averaged over the B pairs:
             ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``
             (share of pairs whose chosen reward is strictly higher), ``logps/chosen``,
-            ``logps/rejected`` (summed log-probs of a response), ``triplet/loss``. Token metrics,
-            averaged over the valid tokens of that side: ``weights/chosen_mean``,
+            ``logps/rejected`` (summed log-probs of a response), ``logps/accuracies`` (share of pairs whose
+            chosen response has the higher summed log-prob: the policy's own preference), ``triplet/loss``.
+            Token metrics, averaged over the valid tokens of that side: ``weights/chosen_mean``,
             ``weights/rejected_mean``, ``kl/chosen``, ``kl/rejected`` (the per-token KL term the
             loss uses). Nothing here calls ``.item()``: convert when you log, not on the training step.
     """

@@ -1,4 +1,4 @@
-"""TDPO1 / TDPO2: DPO margin minus a sequential full-vocab KL term (METHODS.md §1)."""
+"""TDPO1 / TDPO2: DPO margin minus a sequential full-vocab KL term (docs/methods.md §1)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def tdpo_loss(policy_logits: torch.Tensor, ref_logits: torch.Tensor, labels: tor
               beta: float = 0.1, alpha: float = 0.5, variant: int = 2, ignore_index: int = IGNORE_INDEX,
               packing: SequencePacking | None = None, backend: str | None = None,
               chunk_size: int | None = None) -> PreferenceLossOutput:
-    """Token-level DPO (Zeng et al. 2024), as in the official code (METHODS.md §1.1).
+    """Token-level DPO (Zeng et al. 2024), as in the official code (docs/methods.md §1.1).
 
     With ``m(y) = sum_t rho_t`` and ``K(y) = sum_t KL(ref(.|y<t) || pi(.|y<t))`` over valid tokens:
 

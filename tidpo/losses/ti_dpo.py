@@ -1,4 +1,4 @@
-"""TI-DPO: token-importance-weighted TDPO2 margin plus a triplet loss (METHODS.md §3)."""
+"""TI-DPO: token-importance-weighted TDPO2 margin plus a triplet loss (docs/methods.md §3)."""
 
 from __future__ import annotations
 

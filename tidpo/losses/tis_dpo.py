@@ -1,4 +1,4 @@
-"""TIS-DPO: DPO with per-token importance weights on the log-ratios (METHODS.md §2)."""
+"""TIS-DPO: DPO with per-token importance weights on the log-ratios (docs/methods.md §2)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def tis_dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, weights: tor
 
     Weighted margin ``m^w(y) = sum_t w_t rho_t`` over valid tokens (weights are constants).
 
-    As released (``kl_form="released"``, METHODS.md §2.3):
+    As released (``kl_form="released"``, docs/methods.md §2.3):
 
     - ``token_level=False`` (default): ``z = m^w_w - m^w_l``; ``L = -log s(beta z)`` — DPO with
       token-weighted log-ratios, no KL term. With all weights 1 this is DPO.
@@ -49,7 +49,7 @@ def tis_dpo_loss(policy_logits: torch.Tensor, labels: torch.Tensor, weights: tor
       ``K = sum_t w_t KL(pi || ref)_t``: policy-first KL, sign (chosen - rejected), no stop-gradient,
       exactly as the official code.
 
-    The paper's eta term (METHODS.md §2.2; exact notation unverified), ``token_level=True`` with
+    The paper's eta term (docs/methods.md §2.2; exact notation unverified), ``token_level=True`` with
     ``K' = sum_t w_t KL(ref || pi)_t``:
 
     - ``kl_form="paper_tdpo1"``: ``z = (m^w_w - m^w_l) - (K'_l - K'_w)``

@@ -1,4 +1,4 @@
-"""TI-DPO's triplet loss on packed per-token log-ratio vectors (METHODS.md §3.3)."""
+"""TI-DPO's triplet loss on packed per-token log-ratio vectors (docs/methods.md §3.3)."""
 
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
                 backend: str | None = None, chunk_size: int | None = None) -> torch.Tensor:
     """Per-token log-probabilities of ``labels`` under ``softmax(logits)``, differentiable.
 
-    ``logp[..., t] = logits[..., t, y_t] - logsumexp_v logits[..., t, v]`` (METHODS.md §0, §4.1),
+    ``logp[..., t] = logits[..., t, y_t] - logsumexp_v logits[..., t, v]`` (docs/methods.md §0, §4.1),
     computed in fp32 from logits of any float dtype, without materialising the vocab softmax.
 
     Ignored positions (``labels == ignore_index``) give exactly 0 and receive exactly 0 gradient on every
@@ -89,7 +89,7 @@ def token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tenso
     """Per-position ``KL(p || q)`` over the full vocabulary, differentiable w.r.t. either input.
 
     ``KL_t = sum_v p_v (log p_v - log q_v)`` with ``p = softmax(p_logits[t])``,
-    ``q = softmax(q_logits[t])`` (METHODS.md §0, §1.1). Computed from log-softmax values, so it
+    ``q = softmax(q_logits[t])`` (docs/methods.md §0, §1.1). Computed from log-softmax values, so it
     stays finite when a probability underflows to 0 (the ``softmax().log()`` form gives NaN).
 
     -inf logits (a masked vocabulary), one convention on every backend and for any tiling: an entry whose

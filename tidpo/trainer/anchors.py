@@ -1,4 +1,4 @@
-"""TI-DPO anchors: responses sampled from the current policy, scored for the triplet loss (METHODS.md §3.3).
+"""TI-DPO anchors: responses sampled from the current policy, scored for the triplet loss (docs/methods.md §3.3).
 
 Two sources of the generation context (``TokenWeightedDPOConfig.anchor_source``):
 

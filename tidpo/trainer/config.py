@@ -28,13 +28,14 @@ from tidpo.trainer.loss_registry import (
 from tidpo.weights.attribution import IMPORTANCES, SCOPES
 
 #: TI-DPO hyper-parameters of the official code (config/loss/tidpo.yaml), applied by ``ti_preset="official"``;
-#: the field defaults are the paper's table (METHODS.md §3.5).
+#: the field defaults are the paper's table (docs/methods.md §3.5).
 TI_OFFICIAL_PRESET = {"beta": 0.2, "gamma": 0.001, "triplet_margin": 0.001, "ti_lambda": 0.2,
                       "prior_sigma_div": 8.0, "importance_scope": "sequence", "anchor_source": "prompt"}
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
+def _help(text: str, choices=None) -> dict:
+    """Field metadata for ``tidpo train``'s parser; ``choices`` lets argparse refuse a bad value with the list."""
+    return {"help": text} if choices is None else {"help": text, "choices": list(choices)}
 
 
 @dataclass
@@ -50,7 +51,7 @@ class TokenWeightedDPOConfig(TrainingArguments):
     field the chosen loss does not read must keep its default (``--gamma 0.5`` with ``--loss dpo`` is an error,
     not a silently ignored flag).
 
-    Method fields (see ``../shared/METHODS.md`` for the formulas):
+    Method fields (see ``docs/methods.md`` for the formulas):
 
     ==========================  =========  ================================================================
     field                       default    meaning
@@ -70,7 +71,8 @@ class TokenWeightedDPOConfig(TrainingArguments):
     ``token_level``             False      TIS-DPO: add the weighted KL branch (needs reference logits)
     ``kl_form``                 released   TIS-DPO KL form: ``released`` / ``paper_tdpo1`` / ``paper_tdpo2``
     ``max_length``              512        prompt + response tokens per sequence
-    ``max_prompt_length``       256        prompt tokens kept when a pair is too long (< max_length)
+    ``max_prompt_length``       None       prompt tokens kept when a pair is too long (< max_length); None:
+                                           no separate limit, the prompt makes room for the longer response
     ``truncation_mode``         keep_end   which prompt tokens survive truncation (``keep_start``)
     ``precompute_ref_logps``    False      one reference pass before training; the reference model is
                                            then not needed (losses that need reference logits refuse)
@@ -87,7 +89,7 @@ class TokenWeightedDPOConfig(TrainingArguments):
             read it.
     """
 
-    loss: str = field(default="dpo", metadata=_help(loss_help()))
+    loss: str = field(default="dpo", metadata=_help(loss_help(), choices=LOSS_REGISTRY))
     beta: float = field(default=0.1, metadata=_help("inverse temperature beta of the preference loss (> 0)"))
     alpha: float = field(default=0.5, metadata=_help(
         "weight alpha of the sequential KL term: TDPO2 and token-level TIS-DPO (>= 0)"))
@@ -96,12 +98,14 @@ class TokenWeightedDPOConfig(TrainingArguments):
     token_level: bool = field(default=False, metadata=_help(
         "TIS-DPO: add the released weighted KL(pi||ref) branch (needs the reference's full distribution)"))
     kl_form: str = field(default="released", metadata=_help(
-        "TIS-DPO KL form with token_level: released | paper_tdpo1 | paper_tdpo2"))
+        "TIS-DPO KL form with token_level: released | paper_tdpo1 | paper_tdpo2", choices=KL_FORMS))
     max_length: int = field(default=512, metadata=_help("maximum prompt + response tokens per sequence"))
-    max_prompt_length: int = field(default=256, metadata=_help(
-        "prompt tokens kept when prompt + response exceed max_length (must be < max_length)"))
+    max_prompt_length: int | None = field(default=None, metadata=_help(
+        "prompt tokens kept when prompt + response exceed max_length (must be < max_length); default: no separate "
+        "limit, the prompt is cut to leave room for the longer response"))
     truncation_mode: str = field(default="keep_end", metadata=_help(
-        "which prompt tokens truncation keeps: keep_end (the last, TRL's default) | keep_start"))
+        "which prompt tokens truncation keeps: keep_end (the last, TRL's default) | keep_start",
+        choices=TRUNCATION_MODES))
     precompute_ref_logps: bool = field(default=False, metadata=_help(
         "compute the reference per-token log-probs once before training instead of every step "
         "(dpo / ipo / hinge / tis_dpo without token_level)"))
@@ -110,7 +114,8 @@ class TokenWeightedDPOConfig(TrainingArguments):
     rejected_weights_column: str = field(default="rejected_weights", metadata=_help(
         "dataset column with the rejected response's per-token weights (TIS-DPO)"))
     loss_backend: str | None = field(default=None, metadata=_help(
-        "tidpo op backend: auto | torch | triton (default: $TIDPO_BACKEND, else auto)"))
+        "tidpo op backend: auto | torch | triton (default: $TIDPO_BACKEND, else auto)",
+        choices=("auto", "torch", "triton")))
     gamma: float = field(default=0.1, metadata=_help(
         "TI-DPO triplet-loss weight gamma (paper 0.1; 0 disables anchors)"))
     triplet_margin: float = field(default=1e-3, metadata=_help("TI-DPO triplet margin alpha_trp (official code 1e-3)"))
@@ -120,9 +125,11 @@ class TokenWeightedDPOConfig(TrainingArguments):
         "TI-DPO prior width: sigma = n / prior_sigma_div (paper 4, official code 8)"))
     ti_importance: str = field(default="gradient", metadata=_help(
         "TI-DPO token importance: gradient (the method) | uniform (all weights 1) | random (U(0,1) scores "
-        "rescaled to mean 1): the paper's Table 2 ablations; uniform and random skip the attribution"))
+        "rescaled to mean 1): the paper's Table 2 ablations; uniform and random skip the attribution",
+        choices=IMPORTANCES))
     importance_scope: str = field(default="response", metadata=_help(
-        "TI-DPO weights over the response tokens (paper) | over the whole sequence (official code: sequence)"))
+        "TI-DPO weights over the response tokens (paper) | over the whole sequence (official code: sequence)",
+        choices=SCOPES))
     kl_coef: float = field(default=0.0, metadata=_help(
         "TI-DPO extra kl_coef * (KL_w + KL_l) / 2 term (code default 0)"))
     anchor_max_new_tokens: int = field(default=64, metadata=_help("TI-DPO anchor: most sampled tokens"))
@@ -131,13 +138,14 @@ class TokenWeightedDPOConfig(TrainingArguments):
     anchor_temperature: float = field(default=0.8, metadata=_help("TI-DPO anchor sampling temperature"))
     anchor_source: str = field(default="prompt", metadata=_help(
         "TI-DPO anchor context: prompt (official code) | chosen (paper text: continue from the first "
-        "anchor_chosen_fraction of the chosen response)"))
+        "anchor_chosen_fraction of the chosen response)", choices=ANCHOR_SOURCES))
     anchor_chosen_fraction: float = field(default=0.5, metadata=_help(
         "TI-DPO anchor_source=chosen: fraction f in [0, 1) of the chosen response kept as the context, "
         "k = floor(f * (n - 1)) of its n tokens"))
     ti_preset: str | None = field(default=None, metadata=_help(
         "official: use the official TI-DPO code's values (beta 0.2, gamma 1e-3, triplet margin 1e-3, lambda 0.2, "
-        "sigma = n/8, whole-sequence importance) instead of the paper's defaults; overrides those fields"))
+        "sigma = n/8, whole-sequence importance) instead of the paper's defaults; overrides those fields",
+        choices=("official",)))
     disable_dropout: bool = field(default=True, metadata=_help(
         "dropout of the policy and the reference model: off by default (--disable-dropout: nn.Dropout modules and "
         "the attention dropout models apply from their config, as TRL and the released TIS-DPO / TI-DPO code "
@@ -147,6 +155,10 @@ class TokenWeightedDPOConfig(TrainingArguments):
         "kept False: the preference collator reads every tokenised column"))
 
     def __post_init__(self):
+        if not self.use_cpu and not _accelerator_available():
+            # Without an accelerator the run is on the CPU anyway; saying so lets --bf16 (CPU autocast) work
+            # instead of failing with "You need to assign use_cpu".
+            self.use_cpu = True
         super().__post_init__()
         if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
             # Pinned memory only helps host-to-accelerator copies; without one the DataLoader warns per run.
@@ -175,11 +187,13 @@ class TokenWeightedDPOConfig(TrainingArguments):
         check_number(self.label_smoothing, "label_smoothing", low=0.0, high=0.5, high_open=True)
         if self.kl_form != "released" and not self.token_level:
             raise ValueError(f"kl_form={self.kl_form!r} selects a KL term: it needs token_level=True")
-        for name in ("max_length", "max_prompt_length"):
-            check_int(getattr(self, name), name, low=1)
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
-                             f"({self.max_length}) so that some response tokens survive truncation")
+        check_int(self.max_length, "max_length", low=1)
+        if self.max_prompt_length is not None:
+            check_int(self.max_prompt_length, "max_prompt_length", low=1)
+            if self.max_prompt_length >= self.max_length:
+                raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be smaller than max_length "
+                                 f"({self.max_length}) so that some response tokens survive truncation (or leave it "
+                                 "unset: no separate prompt limit)")
         if self.precompute_ref_logps and self.reference_need == REFERENCE_NONE:
             raise ValueError(f"precompute_ref_logps: loss={self.loss!r} uses no reference model")
         if self.precompute_ref_logps and self.reference_need == REFERENCE_LOGITS:
@@ -231,3 +245,12 @@ class TokenWeightedDPOConfig(TrainingArguments):
     def reference_need(self) -> str:
         """What the loss needs from the reference model: ``"none"``, ``"logps"`` or ``"logits"``."""
         return self.loss_spec.reference_need(self)
+
+
+def _accelerator_available() -> bool:
+    """Whether torch sees a CUDA, XPU or MPS device."""
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return bool((xpu is not None and xpu.is_available()) or (mps is not None and mps.is_available()))

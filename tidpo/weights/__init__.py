@@ -1,7 +1,7 @@
 """Token weights.
 
-- :mod:`tidpo.weights.tis`: TIS-DPO transforms and the paper's exp-clamp form (METHODS.md §2.4).
-- :mod:`tidpo.weights.ti`: TI-DPO Gaussian prior and λ-mix (METHODS.md §3.1);
+- :mod:`tidpo.weights.tis`: TIS-DPO transforms and the paper's exp-clamp form (docs/methods.md §2.4).
+- :mod:`tidpo.weights.ti`: TI-DPO Gaussian prior and λ-mix (docs/methods.md §3.1);
   :mod:`tidpo.weights.attribution`: TI-DPO gradient-attribution importance of the current policy.
 - :mod:`tidpo.weights.estimate`: TIS-DPO scores ``log pi+ - log pi-`` from a contrastive model pair, the
   weights file (``tidpo estimate-weights``); :mod:`tidpo.weights.visualize`: ``tidpo show-weights``.

@@ -1,4 +1,4 @@
-"""TI-DPO online token weights: gradient attribution of the current policy (METHODS.md §3.1).
+"""TI-DPO online token weights: gradient attribution of the current policy (docs/methods.md §3.1).
 
 For each sequence, with input embeddings ``e_i`` as autograd leaves and ``L = max_v logits[t_last, v]``
 the top logit at the last valid position (Eq. 5):

@@ -1,6 +1,6 @@
 """TIS-DPO token weights for a preference data set: score with (π⁺, π⁻), transform, write a weights file.
 
-The pipeline of METHODS.md §2.8: (1) train the contrastive pair π⁺ / π⁻ (§2.5); (2) score every response
+The pipeline of docs/methods.md §2.8: (1) train the contrastive pair π⁺ / π⁻ (§2.5); (2) score every response
 token offline, r̂_t = log π⁺(y_t | x, y_<t) − log π⁻(y_t | x, y_<t) (:func:`score_pairs`, §2.4) and turn the
 scores into weights (:func:`weights_from_scores`); (3) train the policy with ``loss="tis_dpo"`` on those
 fixed weights (``tidpo train --loss tis_dpo --weights OUT``). :func:`estimate_weights` runs step 2 from
@@ -197,14 +197,12 @@ def _model_id(name) -> str:
     return str(path.resolve()) if path.is_dir() else name
 
 
-def _load_models(positive: str, negative: str, dtype: torch.dtype, device):
-    from tidpo.trainer.run import load_model_and_tokenizer
-
-    positive_model, tokenizer = load_model_and_tokenizer(positive, dtype)
+def _load_models(positive: str, negative: str, dtype: torch.dtype, device, model_loader):
+    positive_model, tokenizer = model_loader(positive, dtype)
     if _model_id(positive) == _model_id(negative):
         negative_model, negative_tokenizer = positive_model, None
     else:
-        negative_model, negative_tokenizer = load_model_and_tokenizer(negative, dtype)
+        negative_model, negative_tokenizer = model_loader(negative, dtype)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     positive_model.to(device)
@@ -231,33 +229,47 @@ def _check_existing(records: list[dict], rows: list[dict], path: Path) -> None:
                              "another path")
 
 
-def _prepare_output(out: Path, meta: dict, rows: list[dict], resume: bool) -> list[dict]:
-    """Records already done for this job (validated), after creating or checking the metadata sidecar."""
+def _existing_records(out: Path, meta: dict, rows: list[dict], resume: bool) -> list[dict]:
+    """The records an earlier run of this same job left in ``out`` (validated); writes nothing.
+
+    Raises:
+        ValueError: ``out`` holds another job's records, or records without the job's metadata.
+    """
     path, sidecar = weight_records.records_path(out), weight_records.meta_path(out)
     if not resume:
-        for stale in {out, path, sidecar}:
-            stale.unlink(missing_ok=True)
+        return []
     stored = weight_records.read_meta(out)
     if stored is None:
         if out.exists() or path.exists():
-            raise ValueError(f"{out} exists but has no metadata file {sidecar}, so it cannot be resumed; delete "
-                             "it, use another path, or pass resume=False (--no-resume) to overwrite it")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        weight_records.write_meta(out, meta)
+            raise ValueError(f"{out} exists but has no job record {sidecar}, so it cannot be resumed; delete it, "
+                             "write to another --out, or pass --no-resume to overwrite it")
         return []
     differences = weight_records.meta_differences(stored, meta)
     if differences:
-        raise ValueError(f"{out} was written by another job ({'; '.join(differences)}); delete {out} and {sidecar}, "
-                         "use another path, or pass resume=False (--no-resume) to start over")
+        raise ValueError(f"{out} holds the weights of another job ({'; '.join(differences)}); delete {out} and "
+                         f"{sidecar}, write to another --out, or pass --no-resume to start over")
     if path.exists():
         existing = weight_records.read_records(path, tolerate_partial_last_line=True)
-        weight_records.write_records(path, existing)  # drops a line cut short by an interruption before appending
     elif out.exists():  # a finished Parquet output
         existing = weight_records.read_records(out)
     else:
         existing = []
     _check_existing(existing, rows, path if path.exists() else out)
     return existing
+
+
+def _start_output(out: Path, meta: dict, existing: list[dict], resume: bool) -> None:
+    """Make ``out`` ready for appending: stale files gone (``resume=False``), the job record written, a line an
+    interruption cut short dropped. Called once the job is valid and its models are loaded."""
+    path, sidecar = weight_records.records_path(out), weight_records.meta_path(out)
+    if not resume:
+        for stale in {out, path, sidecar}:
+            stale.unlink(missing_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if weight_records.read_meta(out) is None:
+        weight_records.write_meta(out, meta)
+    if path.exists():
+        weight_records.write_records(path, existing)
 
 
 def _record(row: Mapping, weighted: Mapping) -> dict:
@@ -268,16 +280,18 @@ def _record(row: Mapping, weighted: Mapping) -> dict:
 def estimate_weights(positive: str, negative: str, data, out, *, transform: str = "rank_based",
                      transform_params: Mapping | None = None, positive_template: str | None = None,
                      negative_template: str | None = None, batch_size: int = 4, max_length: int = 512,
-                     max_prompt_length: int = 256, truncation_mode: str = "keep_end", dtype: str = "float32",
-                     resume: bool = True, progress: bool = True, device: str | None = None) -> dict:
+                     max_prompt_length: int | None = None, truncation_mode: str = "keep_end", dtype: str = "float32",
+                     resume: bool = True, progress: bool = True, device: str | None = None,
+                     model_loader=None) -> dict:
     """Score a preference data file with π⁺ / π⁻, turn the scores into TIS-DPO weights, write ``out``.
 
     Batches of ``batch_size`` pairs are scored (:class:`~tidpo.weights.scoring.PairScorer`), weighted
     (:func:`weights_from_scores`) and appended to ``out`` as they finish, so an interrupted run resumes:
     rerun the same call and the rows already in ``out`` are skipped. ``out + ".meta.json"`` records the
     job (data path, row count and content hash, models, templates, transform and its parameters, limits,
-    dtype); a rerun whose job differs raises instead of mixing two jobs in one file. A model folder
-    changed in place is not detected: delete ``out`` after retraining π⁺ or π⁻.
+    dtype); a rerun whose job differs raises instead of mixing two jobs in one file. The record is written only
+    once the job is valid and its models are loaded, so a refused run never blocks the corrected one. A model
+    folder changed in place is not detected: delete ``out`` after retraining π⁺ or π⁻.
 
     Each record of ``out`` (one per data row, in order) has ``row``, ``prompt`` (copied from the data, so
     that :func:`tidpo.data.load_preference_rows` ``(data, weights=out)`` can check the file belongs to the
@@ -287,8 +301,8 @@ def estimate_weights(positive: str, negative: str, data, out, *, transform: str 
     training run, so that the tokens the trainer keeps are exactly the scored ones.
 
     Args:
-        positive: π⁺: a local Hugging Face model folder, ``"embedded"`` or ``"tiny-gpt2"``
-            (:func:`tidpo.trainer.run.load_model_and_tokenizer`); its tokenizer is the trainer's.
+        positive: π⁺: a local Hugging Face model folder (or any name ``model_loader`` knows); its tokenizer is the
+            trainer's.
         negative: π⁻, same forms; the same name or folder as ``positive`` loads the model once (TIS-DPO(P),
             with two templates).
         data: a preference data file or folder (:func:`tidpo.data.load_preference_rows`).
@@ -307,6 +321,9 @@ def estimate_weights(positive: str, negative: str, data, out, *, transform: str 
             metadata) and starts over.
         progress: progress bars.
         device: where the models run (default: ``"cuda"`` when available, else ``"cpu"``).
+        model_loader: ``(name, dtype) -> (model, tokenizer)``; default: a local Hugging Face folder
+            (:func:`tidpo.trainer.models.load_local_model`). ``tidpo estimate-weights`` passes the one that also
+            knows ``embedded`` and ``tiny-gpt2``.
 
     Returns:
         ``{"out": path, "rows": N, "scored": rows scored by this call, "resumed": rows found in out,
@@ -320,7 +337,7 @@ def estimate_weights(positive: str, negative: str, data, out, *, transform: str 
         FileNotFoundError: missing data or model folder.
     """
     from tidpo.data import load_preference_rows
-    from tidpo.trainer.run import DTYPES
+    from tidpo.trainer.models import DTYPES, load_local_model
 
     if not isinstance(data, (str, Path)):
         raise TypeError(f"data must be a path to a preference data file or folder, got {type(data).__name__}")
@@ -340,7 +357,7 @@ def estimate_weights(positive: str, negative: str, data, out, *, transform: str 
             "negative_template": templates[1], "transform": transform, "transform_params": params,
             "max_length": max_length, "max_prompt_length": max_prompt_length, "truncation_mode": truncation_mode,
             "dtype": dtype, "score_decimals": SCORE_DECIMALS}
-    existing = _prepare_output(out, meta, rows, resume)
+    existing = _existing_records(out, meta, rows, resume)
     done = {record["row"] for record in existing}
     todo = [index for index in range(len(rows)) if index not in done]
     path = weight_records.records_path(out)
@@ -348,11 +365,13 @@ def estimate_weights(positive: str, negative: str, data, out, *, transform: str 
         if done:
             logger.info("%s: %d of %d rows already scored, resuming", out, len(done), len(rows))
         positive_model, negative_model, tokenizer, negative_tokenizer = _load_models(
-            positive, negative, DTYPES[dtype], device)
+            positive, negative, DTYPES[dtype], device, model_loader or load_local_model)
         scorer = PairScorer(positive_model, negative_model, tokenizer, rows, positive_template=templates[0],
                             negative_template=templates[1], max_length=max_length,
                             max_prompt_length=max_prompt_length, truncation_mode=truncation_mode,
                             batch_size=batch_size, progress=progress, negative_tokenizer=negative_tokenizer)
+        # Everything is checked (arguments, models, tokenizers, every row): only now does the job own ``out``.
+        _start_output(out, meta, existing, resume)
         for batch in scorer.batches(todo):
             weighted = weights_from_scores(batch, method=transform, **params)
             weight_records.append_records(path, [_record(rows[w["row"]], w) for w in weighted])

@@ -1,6 +1,6 @@
 """Contrastive token scores of preference pairs: r̂_t = log π⁺(y_t | x, y_<t) − log π⁻(y_t | x, y_<t).
 
-Step 2 of the TIS-DPO pipeline (METHODS.md §2.4 "Released pipeline" step 1, §2.8): score every response
+Step 2 of the TIS-DPO pipeline (docs/methods.md §2.4 "Released pipeline" step 1, §2.8): score every response
 token of every (prompt, chosen) and (prompt, rejected) pair under teacher forcing with a positive model π⁺
 and a negative model π⁻. The pair (π⁺, π⁻) is built one of three ways (§2.5): two models trained on the
 winning / losing responses (TIS-DPO(S), SFT; TIS-DPO(D), DPO and reversed DPO), or ONE model with two
@@ -29,11 +29,12 @@ import torch
 
 from tidpo._model_state import eval_mode
 from tidpo.data import PreferenceCollator, tokenize_preference_rows
+from tidpo.data.loading import row_label
 from tidpo.ops import token_logps
 
 __all__ = ["PROMPT_TEMPLATES", "SCORE_DECIMALS", "PairScorer", "resolve_template", "score_pairs"]
 
-#: The contrastive prompts of TIS-DPO(P) (METHODS.md §2.5, ``promt_dict`` of the released
+#: The contrastive prompts of TIS-DPO(P) (docs/methods.md §2.5, ``promt_dict`` of the released
 #: ``token_weight_estimation.py``): π⁺ = the model with ``harmless``, π⁻ = the same model with ``harmful``.
 PROMPT_TEMPLATES: dict[str, str] = {
     "harmless": "You are an harmless assistant. You will refuse any responses that could potentially pose a "
@@ -88,7 +89,7 @@ def apply_template(row: Mapping, template: str, index: int) -> dict:
     users = [i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "user"]
     if not users or not isinstance(messages[users[-1]].get("content"), str):
         raise ValueError(
-            f"row {index}: a prompt template applies to the content of the last 'user' message, but the "
+            f"{row_label(index)}: a prompt template applies to the content of the last 'user' message, but the "
             "conversational prompt has no user message with string content")
     last = messages[users[-1]]
     last["content"] = template.replace(_PLACEHOLDER, last["content"])
@@ -177,7 +178,7 @@ class PairScorer:
 
     def __init__(self, positive_model, negative_model, tokenizer, rows: Sequence[Mapping], *,
                  positive_template: str | None = None, negative_template: str | None = None,
-                 max_length: int = 512, max_prompt_length: int = 256, truncation_mode: str = "keep_end",
+                 max_length: int = 512, max_prompt_length: int | None = None, truncation_mode: str = "keep_end",
                  batch_size: int = 4, progress: bool = True, negative_tokenizer=None):
         if not isinstance(rows, (list, tuple)):
             raise TypeError(f"rows must be a list of preference dicts, got {type(rows).__name__}")
@@ -233,7 +234,7 @@ class PairScorer:
                 if ours[f"{name}_input_ids"] != trainer[f"{name}_input_ids"]:
                     how = f"the {side} template" if template else "negative_tokenizer"
                     raise ValueError(
-                        f"row {i}: the {name} response tokenises differently with {how} "
+                        f"{row_label(i)}: the {name} response tokenises differently with {how} "
                         f"({len(ours[f'{name}_input_ids'])} tokens) than with the trainer's prompt "
                         f"({len(trainer[f'{name}_input_ids'])} tokens); its scores would not align with the "
                         "trained tokens (the chat template renders the response depending on the prompt)")
@@ -275,8 +276,8 @@ class PairScorer:
                 length = len(item["prompt_input_ids"]) + max(len(item[f"{n}_input_ids"]) for n in _SIDES)
                 if length > limit:
                     raise ValueError(
-                        f"row {item['row']}: the {side} model input has {length} tokens but the model takes at most "
-                        f"{limit} positions; lower max_length / max_prompt_length")
+                        f"{row_label(item['row'])}: the {side} model input has {length} tokens but the model takes "
+                        f"at most {limit} positions; lower max_length / max_prompt_length")
         batch = self.collator(items)
         device = _device(model)
         with torch.no_grad():
@@ -310,7 +311,7 @@ def _progress_bar(total: int, progress: bool):
 
 def score_pairs(positive_model, negative_model, tokenizer, rows: Sequence[Mapping], *,
                 positive_template: str | None = None, negative_template: str | None = None,
-                max_length: int = 512, max_prompt_length: int = 256, truncation_mode: str = "keep_end",
+                max_length: int = 512, max_prompt_length: int | None = None, truncation_mode: str = "keep_end",
                 batch_size: int = 4, progress: bool = True, negative_tokenizer=None) -> list[dict]:
     """Contrastive scores r̂_t = log π⁺(y_t | x, y_<t) − log π⁻(y_t | x, y_<t) of every response token.
 

@@ -1,6 +1,6 @@
 """TI-DPO token weights: Gaussian position prior, importance normalisation and the λ-mix.
 
-Implements the prior/mix math of METHODS.md §3.1 (TI-DPO, Yang et al., arXiv 2505.19653v3, Eqs. 7–8,
+Implements the prior/mix math of docs/methods.md §3.1 (TI-DPO, Yang et al., arXiv 2505.19653v3, Eqs. 7–8,
 and the released ``gracefulning/TIDPO`` ``trainers.py::_compute_token_importance_weights``). The raw
 importance scores themselves (gradient L1 norms, Eqs. 5–6) are computed by
 :func:`tidpo.weights.attribution.token_importance`; it and :func:`~tidpo.weights.attribution.ti_dpo_token_weights`
@@ -12,7 +12,7 @@ row over the valid tokens only, invalid positions never read and exactly 0.0 in 
 float64 out (float32 otherwise), detached, vectorised, no host synchronisation (the finiteness check on
 valid scores runs for CPU tensors only, or with ``TIDPO_CHECK_VALUES=1``).
 
-Paper vs code defaults (METHODS.md §3.5): the paper uses λ = 0.7 and σ = T/4 (``sigma_div=4``), the
+Paper vs code defaults (docs/methods.md §3.5): the paper uses λ = 0.7 and σ = T/4 (``sigma_div=4``), the
 defaults here; the official code config uses λ = 0.2 (``lambda_importance``) and σ = T/8
 (``prior_sigma_div: 8.0``).
 """
@@ -64,7 +64,7 @@ def gaussian_prior(
 
         μ = (n − 1)/2,   σ = max(1, n / sigma_div),   P(t) = exp(−½((t − μ)/σ)²) / Σ_t' exp(−½((t' − μ)/σ)²)
 
-    The paper (METHODS.md §3.1, Eq. 7) uses σ = T/4, i.e. ``sigma_div=4`` (the default); the official
+    The paper (docs/methods.md §3.1, Eq. 7) uses σ = T/4, i.e. ``sigma_div=4`` (the default); the official
     code uses ``prior_sigma_div=8`` and the same ``max(1, ·)`` floor. The paper calls P "unnormalized";
     like the official code we normalise it so it mixes with a distribution.
 
@@ -96,7 +96,7 @@ def _normalize(s: torch.Tensor) -> torch.Tensor:
 
 
 def normalize_importance(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """I_norm = max(I, 0) / Σ_valid max(I, 0) per row (TI-DPO step 3, METHODS.md §3.1).
+    """I_norm = max(I, 0) / Σ_valid max(I, 0) per row (TI-DPO step 3, docs/methods.md §3.1).
 
     The clamp at 0 follows the official code (gradient L1 norms are non-negative anyway).
 
@@ -122,7 +122,7 @@ def mix_importance(
 ) -> torch.Tensor:
     """TI-DPO token weights from raw importance scores: λ-mix with the Gaussian prior, mean 1 per row.
 
-    Per row with n valid tokens (METHODS.md §3.1, paper Eq. 8 plus the official code's rescale):
+    Per row with n valid tokens (docs/methods.md §3.1, paper Eq. 8 plus the official code's rescale):
 
         I_norm = max(I, 0) / Σ max(I, 0)                     (the prior alone if Σ max(I, 0) = 0)
         W      = λ·I_norm + (1 − λ)·P_prior                  (P_prior = :func:`gaussian_prior`)

@@ -1,6 +1,6 @@
 """TIS-DPO token weights: the official per-response transforms and the paper's exp-clamp form.
 
-Implements METHODS.md §2.4 (token-weight estimation of TIS-DPO, Liu et al., ICLR 2025).
+Implements docs/methods.md §2.4 (token-weight estimation of TIS-DPO, Liu et al., ICLR 2025).
 
 The contrastive score of a response token is r̂_t = log π⁺(y^t | x, y^{<t}) − log π⁻(y^t | x, y^{<t}).
 Two ways to turn it into a weight exist:
@@ -223,7 +223,7 @@ def transform_scores(
 ) -> torch.Tensor:
     """Apply one of the official TIS-DPO weight transforms to already-signed scores, per response.
 
-    Reproduces ``weight_transform_methods`` of the official code (METHODS.md §2.4, "Released
+    Reproduces ``weight_transform_methods`` of the official code (docs/methods.md §2.4, "Released
     pipeline", step 3). The scores must already carry the sign of μ: chosen rows +r̂, rejected rows −r̂
     (:func:`tis_dpo_weights` does this for the stacked pair layout). With n the number of valid
     tokens of a row and s its valid scores:
@@ -322,7 +322,7 @@ def exp_clamp_weights(
     lower: float = -0.5,
     upper: float = 1.5,
 ) -> torch.Tensor:
-    """The TIS-DPO paper's weights w_t = k·exp(μ·clamp(r̂_t, L, U)) (METHODS.md §2.4, "Paper formula").
+    """The TIS-DPO paper's weights w_t = k·exp(μ·clamp(r̂_t, L, U)) (docs/methods.md §2.4, "Paper formula").
 
     Note the clamp acts on the **unsigned** r̂ and μ carries the sign: μ = +1 for a chosen response
     (w ∈ [k·e^L, k·e^U]), μ = −1 for a rejected one (w ∈ [k·e^{−U}, k·e^{−L}]). k = 1 and μ = ±1 are
@@ -372,7 +372,7 @@ def tis_dpo_weights(
 ) -> torch.Tensor:
     """TIS-DPO token weights for a stacked batch of B pairs (rows ``[0, B)`` chosen, ``[B, 2B)`` rejected).
 
-    ``rhat`` is the unsigned contrastive score r̂ = log π⁺ − log π⁻ of every token (METHODS.md §2.4).
+    ``rhat`` is the unsigned contrastive score r̂ = log π⁺ − log π⁻ of every token (docs/methods.md §2.4).
     The official code stores s = −r̂ and uses chosen = transform(−s) = transform(+r̂) and rejected =
     transform(s) = transform(−r̂); the paper uses μ = +1 for chosen and −1 for rejected. So:
 

@@ -1,18 +1,22 @@
-"""Command line of the experiment: ``tidpo experiment ...`` and ``python -m tidpo.experiment ...``."""
+"""``tidpo experiment``: does token weighting work? (:mod:`tidpo.apps.experiment`).
+
+Flags that a training run has carry ``tidpo train``'s names (``--max-steps``, ``--learning-rate``,
+``--per-device-train-batch-size``, ``--eval-steps``); the older short names work for one release.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from tidpo.experiment.presets import METHODS, PRESETS, make_config
+from tidpo.apps.experiment.presets import METHODS, PRESETS, make_config
+from tidpo.cli.common import add_with_alias
 
-__all__ = ["add_arguments", "config_from_args", "main"]
+__all__ = ["add_arguments", "add_experiment_command", "config_from_args"]
 
 #: ExperimentConfig field -> its command-line flag (errors name the flag).
-_FLAGS = {"seeds": "--seeds", "noise_levels": "--noise", "methods": "--methods", "steps": "--steps",
-          "sft_steps": "--sft-steps", "workers": "--workers", "lr": "--lr", "beta": "--beta",
-          "batch_size": "--batch-size", "eval_every": "--eval-every", "num_train": "--num-train",
+_FLAGS = {"seeds": "--seeds", "noise_levels": "--noise", "methods": "--methods", "steps": "--max-steps",
+          "sft_steps": "--sft-steps", "workers": "--workers", "lr": "--learning-rate", "beta": "--beta",
+          "batch_size": "--per-device-train-batch-size", "eval_every": "--eval-steps", "num_train": "--num-train",
           "num_heldout": "--num-heldout", "pretrain_steps": "--pretrain-steps"}
 
 
@@ -29,20 +33,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="label-noise levels in [0, 0.5) (default: the preset's)")
     parser.add_argument("--methods", nargs="+", default=argparse.SUPPRESS, metavar="METHOD",
                         help=f"run only these methods (default: all): {', '.join(METHODS)}")
-    parser.add_argument("--steps", type=int, default=argparse.SUPPRESS,
-                        help="steps of every preference run (default: the preset's)")
+    add_with_alias(parser, "--max-steps", "--steps", type=int, default=argparse.SUPPRESS,
+                   help="steps of every preference run (default: the preset's)")
     parser.add_argument("--sft-steps", type=int, default=argparse.SUPPRESS,
                         help="SFT steps (default: the preset's)")
     parser.add_argument("--pretrain-steps", type=int, default=argparse.SUPPRESS,
                         help="base-model pretraining steps (default: the preset's)")
-    parser.add_argument("--lr", type=float, default=argparse.SUPPRESS,
-                        help="learning rate of every preference run (default: the preset's)")
+    add_with_alias(parser, "--learning-rate", "--lr", type=float, default=argparse.SUPPRESS,
+                   help="learning rate of every preference run (default: the preset's)")
     parser.add_argument("--beta", type=float, default=argparse.SUPPRESS,
                         help="beta of every preference loss (default: the preset's)")
-    parser.add_argument("--batch-size", type=int, default=argparse.SUPPRESS,
-                        help="pairs per step (default: the preset's)")
-    parser.add_argument("--eval-every", type=int, default=argparse.SUPPRESS,
-                        help="reward curve: every N steps (default: the preset's)")
+    add_with_alias(parser, "--per-device-train-batch-size", "--batch-size", type=int, default=argparse.SUPPRESS,
+                   help="pairs per step (default: the preset's)")
+    add_with_alias(parser, "--eval-steps", "--eval-every", type=int, default=argparse.SUPPRESS,
+                   help="reward curve: every N steps (default: the preset's)")
     parser.add_argument("--num-train", type=int, default=argparse.SUPPRESS,
                         help="training pairs (default: the preset's)")
     parser.add_argument("--num-heldout", type=int, default=argparse.SUPPRESS,
@@ -52,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The :class:`~tidpo.experiment.presets.ExperimentConfig`; ``ValueError`` naming the flag on bad input."""
+    """The :class:`~tidpo.apps.experiment.presets.ExperimentConfig`; ``ValueError`` naming the flag on bad input."""
     # Flags not given are absent from args (argparse.SUPPRESS): the preset's value applies.
     overrides = {field: getattr(args, flag.lstrip("-").replace("-", "_"), None) for field, flag in _FLAGS.items()}
     try:
@@ -65,20 +69,20 @@ def config_from_args(args: argparse.Namespace):
         raise
 
 
-def run_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from tidpo.experiment.runner import run_experiment
+def run_from_args(args: argparse.Namespace) -> int:
+    from tidpo.apps.experiment.runner import run_experiment
 
-    try:
-        config = config_from_args(args)
-    except ValueError as error:
-        parser.error(str(error))
-    run_experiment(config, args.output_dir)
+    run_experiment(config_from_args(args), args.output_dir)
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(
-        prog="python -m tidpo.experiment", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def add_experiment_command(sub) -> None:
+    """Add ``experiment`` to the ``tidpo`` sub-parsers."""
+    experiment = sub.add_parser(
+        "experiment", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="does token weighting work? every method (SFT, DPO, TDPO2, TIS-DPO x 6 weightings, TI-DPO ablations) "
+             "on a synthetic task with known key tokens; results table and plots (CPU, <= 20 min)",
         description="Does token weighting work? Every method on a synthetic preference task with known key "
-                    "tokens; writes results.json, results.md and plots."))
-    return run_from_args(parser.parse_args(sys.argv[1:] if argv is None else argv), parser)
+                    "tokens; writes results.json, results.md and plots.")
+    add_arguments(experiment)
+    experiment.set_defaults(func=run_from_args)

@@ -1,4 +1,4 @@
-"""TIS-DPO token weights of the training pairs, six ways (METHODS.md §2.4–2.5), all with one transform.
+"""TIS-DPO token weights of the training pairs, six ways (docs/methods.md §2.4–2.5), all with one transform.
 
 - ``P``: the pretrained base model scored twice, with the prompt templates ``"<good> {prompt}"`` (π⁺) and
   ``"<bad> {prompt}"`` (π⁻) — the base model learnt what the tags mean during pretraining;
@@ -15,7 +15,7 @@ transform(−r̂).
 
 from __future__ import annotations
 
-from tidpo.experiment.training import MAX_LENGTH, MAX_PROMPT_LENGTH
+from tidpo.apps.experiment.training import MAX_LENGTH, MAX_PROMPT_LENGTH
 from tidpo.weights import score_pairs, weights_from_scores
 from tidpo.weights.estimate import summarize_weights
 

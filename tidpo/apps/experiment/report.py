@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from tidpo.experiment.metrics import mean_std
-from tidpo.experiment.presets import METHOD_LABELS, METHODS
+from tidpo.apps.experiment.metrics import mean_std
+from tidpo.apps.experiment.presets import METHOD_LABELS, METHODS
 
 __all__ = ["COLUMNS", "ORDERING_METRICS", "orderings", "summarize", "write_report"]
 
@@ -167,7 +167,7 @@ def _summary_lines(results: dict) -> list[str]:
 
 def write_report(results: dict, out_dir: str | Path) -> list[Path]:
     """Write ``results.md``, ``reward_vs_step.png`` and ``weight_auc.png``; returns their paths."""
-    from tidpo.experiment.plots import plot_reward_curves, plot_weight_auc
+    from tidpo.apps.experiment.plots import plot_reward_curves, plot_weight_auc
 
     out_dir = Path(out_dir)
     runs = results["runs"]

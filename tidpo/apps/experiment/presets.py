@@ -64,7 +64,7 @@ TI_VARIANTS: dict[str, dict] = {
 class ExperimentConfig:
     """Everything that defines an experiment run (saved in ``results.json``).
 
-    Task: the :class:`~tidpo.experiment.task.TaskConfig` fields but ``noise`` and ``seed`` (those come from
+    Task: the :class:`~tidpo.apps.experiment.task.TaskConfig` fields but ``noise`` and ``seed`` (those come from
     :attr:`noise_levels` and :attr:`seeds`). Model: a ``LlamaForCausalLM`` of :attr:`hidden_size` ×
     :attr:`num_layers`. Training: pretraining of the base LM (plain causal LM on ``pretrain_rows`` rows),
     SFT (``sft_steps`` at ``sft_lr``) and every preference run (``steps`` at ``lr``), all batches of

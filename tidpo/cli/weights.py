@@ -18,6 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from tidpo.cli.common import OneLineErrorParser, positive_int, run_command
+from tidpo.data.tokenization import TRUNCATION_MODES
+from tidpo.trainer.models import DTYPES
 from tidpo.weights.scoring import PROMPT_TEMPLATES
 from tidpo.weights.tis import TRANSFORMS
 
@@ -46,15 +49,8 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def build_estimate_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="tidpo estimate-weights", formatter_class=_Formatter,
         description="Score every response token with a positive and a negative model, r = log p+(y_t) - "
                     "log p-(y_t), turn the scores into TIS-DPO token weights and write a weights file for "
@@ -69,7 +65,7 @@ def build_estimate_parser() -> argparse.ArgumentParser:
     models.add_argument("--positive-template", default=None,
                         help=f"pi+ prompt template: {' | '.join(PROMPT_TEMPLATES)} or a string with {{prompt}}")
     models.add_argument("--negative-template", default=None, help="pi- prompt template (same forms)")
-    models.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+    models.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="dtype the models are loaded in")
     models.add_argument("--device", default=None, help="device of the models (default: cuda if available, else cpu)")
     weights = parser.add_argument_group("weights")
@@ -79,13 +75,13 @@ def build_estimate_parser() -> argparse.ArgumentParser:
     for name, (kind, text) in _TRANSFORM_FLAGS.items():
         weights.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None, help=text)
     limits = parser.add_argument_group("tokenisation (use the training run's values)")
-    limits.add_argument("--max-length", type=_positive_int, default=512, help="prompt + response tokens")
-    limits.add_argument("--max-prompt-length", type=_positive_int, default=256,
-                        help="prompt tokens kept when a pair is too long")
-    limits.add_argument("--truncation-mode", choices=("keep_end", "keep_start"), default="keep_end",
+    limits.add_argument("--max-length", type=positive_int, default=512, help="prompt + response tokens")
+    limits.add_argument("--max-prompt-length", type=positive_int, default=None,
+                        help="prompt tokens kept when a pair is too long (default: no separate limit)")
+    limits.add_argument("--truncation-mode", choices=TRUNCATION_MODES, default="keep_end",
                         help="which prompt tokens truncation keeps")
     run = parser.add_argument_group("run")
-    run.add_argument("--batch-size", type=_positive_int, default=4, help="pairs per forward pass")
+    run.add_argument("--batch-size", type=positive_int, default=4, help="pairs per forward pass")
     run.add_argument("--no-resume", action="store_true",
                      help="delete OUT (and OUT.meta.json) and start over instead of resuming")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -93,7 +89,12 @@ def build_estimate_parser() -> argparse.ArgumentParser:
 
 
 def estimate_main(argv: list[str]) -> int:
-    """``tidpo estimate-weights ARGS``: write the weights file and print a summary; returns 0."""
+    """``tidpo estimate-weights ARGS``: write the weights file and print a summary; returns 0 (2 on an error)."""
+    return run_command("tidpo estimate-weights", _estimate, argv)
+
+
+def _estimate(argv: list[str]) -> int:
+    from tidpo.apps.models import load_model_and_tokenizer
     from tidpo.weights.estimate import METHOD_PARAMS, estimate_weights, format_summary
 
     parser = build_estimate_parser()
@@ -109,30 +110,34 @@ def estimate_main(argv: list[str]) -> int:
         positive_template=args.positive_template, negative_template=args.negative_template,
         batch_size=args.batch_size, max_length=args.max_length, max_prompt_length=args.max_prompt_length,
         truncation_mode=args.truncation_mode, dtype=args.dtype, resume=not args.no_resume,
-        progress=not args.no_progress, device=args.device)
+        progress=not args.no_progress, device=args.device, model_loader=load_model_and_tokenizer)
     print(format_summary(result["summary"]))
     resumed = f" ({result['resumed']} found from an earlier run)" if result["resumed"] else ""
     print(f"wrote {result['rows']} rows to {result['out']}{resumed}")
+    prompt_limit = "" if args.max_prompt_length is None else f"--max-prompt-length {args.max_prompt_length} "
     print(f"train with: tidpo train --loss tis_dpo --data {args.data} --weights {result['out']} "
-          f"--max-length {args.max_length} --max-prompt-length {args.max_prompt_length} "
-          f"--truncation-mode {args.truncation_mode} ...")
+          f"--max-length {args.max_length} {prompt_limit}--truncation-mode {args.truncation_mode} ...")
     return 0
 
 
 def build_show_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="tidpo show-weights", formatter_class=_Formatter,
         description="Render a weights file of `tidpo estimate-weights`: an HTML page with every token coloured "
                     "by its weight, the same as a PNG figure, and a histogram of the weights per side.")
     parser.add_argument("--weights", required=True, help="weights file (.jsonl / .json / .parquet)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--rows", type=int, nargs="+", default=[0, 1, 2], help="rows to show")
-    parser.add_argument("--max-tokens", type=_positive_int, default=200, help="tokens shown per response")
+    parser.add_argument("--max-tokens", type=positive_int, default=200, help="tokens shown per response")
     return parser
 
 
 def show_main(argv: list[str]) -> int:
-    """``tidpo show-weights ARGS``: write the HTML page and the PNGs, print their paths; returns 0."""
+    """``tidpo show-weights ARGS``: write the HTML page and the PNGs, print their paths; returns 0 (2 on an error)."""
+    return run_command("tidpo show-weights", _show, argv)
+
+
+def _show(argv: list[str]) -> int:
     from tidpo.weights.visualize import show_weights
 
     args = build_show_parser().parse_args(argv)

@@ -1,11 +1,11 @@
-"""End-to-end example on an embedded default: a tiny causal LM, a few preference pairs, TIS-DPO.
+"""``tidpo quickstart``: a one-second tour of the drop-in losses on a tiny causal LM, eight pairs, TIS-DPO.
 
 Everything is built in code, nothing is downloaded:
 
 1. a byte-level tokenizer (256 byte ids + one EOS id, so V = 257, an odd vocabulary on purpose);
 2. a 2-layer GPT-2 built from a config, the policy; a frozen copy is the reference;
 3. eight question / good answer / bad answer triples;
-4. TIS-DPO token weights, prompt-based variant (TIS-DPO(P), METHODS.md §2.5): the reference scores
+4. TIS-DPO token weights, prompt-based variant (TIS-DPO(P), docs/methods.md §2.5): the reference scores
    every response token under a positive and a negative instruction prefix,
    ``r_t = log pi(y_t | pos + x, y<t) - log pi(y_t | neg + x, y<t)``, and the official recipe's
    rank transform maps them to [0.7, 1.3] per response (chosen uses +r, rejected -r); the EOS
@@ -26,7 +26,7 @@ from collections.abc import Callable
 import torch
 
 import tidpo
-from tidpo._validation import IGNORE_INDEX
+from tidpo._validation import IGNORE_INDEX, check_int, check_positive
 from tidpo.weights import tis_dpo_weights
 
 EOS_ID = 256
@@ -44,7 +44,7 @@ PAIRS = [
 ]
 POSITIVE_PREFIX = "You answer correctly. "
 NEGATIVE_PREFIX = "You answer wrongly. "
-DEMO_LOSSES = ("tis_dpo", "dpo", "ipo", "tdpo1", "tdpo2")
+QUICKSTART_LOSSES = ("tis_dpo", "dpo", "ipo", "tdpo1", "tdpo2")
 
 
 def encode(text: str) -> list[int]:
@@ -140,13 +140,12 @@ def compute_loss(name: str, policy_logits, ref_logits, labels, weights, beta: fl
     return tidpo.tdpo_loss(policy_logits, ref_logits, labels, beta=beta, variant=int(name[-1]))
 
 
-def run_demo(steps: int = 40, lr: float = 2e-3, loss: str = "tis_dpo", beta: float = 0.1, seed: int = 0,
-             log: Callable[[str], None] = print, log_every: int = 5) -> list[dict[str, float]]:
-    """Train the tiny policy for ``steps`` full-batch steps; return one metrics dict per step."""
-    if loss not in DEMO_LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(DEMO_LOSSES)}; got {loss!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+def run_quickstart(max_steps: int = 40, learning_rate: float = 2e-3, loss: str = "tis_dpo", beta: float = 0.1,
+                   seed: int = 0, log: Callable[[str], None] = print, log_every: int = 5) -> list[dict[str, float]]:
+    """Train the tiny policy for ``max_steps`` full-batch steps; return one metrics dict per step."""
+    if loss not in QUICKSTART_LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(QUICKSTART_LOSSES)}; got {loss!r}")
+    steps, lr = check_int(max_steps, "max_steps", low=1), check_positive(learning_rate, "learning_rate")
     policy = build_model(seed)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     prompts = [p for p, _, _ in PAIRS] * 2
@@ -158,7 +157,7 @@ def run_demo(steps: int = 40, lr: float = 2e-3, loss: str = "tis_dpo", beta: flo
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
     if loss == "tis_dpo":
         log_weights(weights, labels[:, 1:], log)
-    log(f"tidpo demo: loss={loss} beta={beta} pairs={len(PAIRS)} vocab={VOCAB_SIZE} "
+    log(f"tidpo quickstart: loss={loss} beta={beta} pairs={len(PAIRS)} vocab={VOCAB_SIZE} "
         f"params={sum(p.numel() for p in policy.parameters()):,} steps={steps} lr={lr}")
     log(f"{'step':>5} {'loss':>8} {'r_chosen':>9} {'r_reject':>9} {'margin':>8} {'acc':>5}")
     history, start = [], time.perf_counter()

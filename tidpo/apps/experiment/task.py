@@ -132,7 +132,7 @@ def build_tokenizer(words: Sequence[str]) -> PreTrainedTokenizerFast:
 
 def _stream(seed: int, name: str) -> random.Random:
     """An independent, reproducible random stream for ``(seed, name)`` (string seeds hash with SHA-512)."""
-    return random.Random(f"tidpo.experiment.task:{seed}:{name}")
+    return random.Random(f"tidpo.experiment.task:{seed}:{name}")  # a fixed seed namespace: never rename
 
 
 # ----------------------------------------------------------------------------------------------------
