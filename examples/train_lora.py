@@ -13,11 +13,9 @@ Instruct and pairs from the chatterbot corpus). Everything ``tidpo train`` offer
 
 import argparse
 
-from peft import LoraConfig, get_peft_model
-
 from tidpo.apps.models import load_model_and_tokenizer
 from tidpo.data import load_preference_rows
-from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer
+from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer, apply_lora
 
 
 def main() -> None:
@@ -40,8 +38,9 @@ def main() -> None:
         n_eval = min(16, len(rows) // 5)  # hold out up to 16 pairs for evaluation
         train_rows, eval_rows = rows[n_eval:], rows[:n_eval] or None
 
-    # 1. LoRA adapters: the policy trains them; with adapters disabled the same model is the reference.
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    # 1. LoRA adapters (PEFT's LoraConfig + get_peft_model): the policy trains them; with adapters disabled the
+    #    same model is the reference.
+    model = apply_lora(model, r=16, alpha=32, target_modules=("all-linear",))
     # 2. TrainingArguments + the method's fields.
     config = TokenWeightedDPOConfig(output_dir=args.output_dir, loss=args.loss, beta=0.1, max_length=256,
                                     per_device_train_batch_size=2, learning_rate=5e-5, max_steps=args.max_steps,

@@ -49,8 +49,8 @@ def one_line_error(capsys, call) -> str:
 # errors
 
 
-@pytest.mark.parametrize("case", ["loss", "truncation_mode", "no_rejected", "empty_chosen", "model_path",
-                                  "weights_rows"])
+@pytest.mark.parametrize("case", ["loss", "truncation_mode", "no_rejected", "empty_chosen", "empty_after_split",
+                                  "model_path", "weights_rows", "negative_steps", "zero_accumulation"])
 def test_train_errors_are_one_line(tmp_path, capsys, case):
     good = write_rows(tmp_path / "pairs.jsonl", pairs())
     argv = ["train", "--model", "tiny-gpt2", "--data", str(good), "--eval-size", "0", "--max-steps", "1",
@@ -59,12 +59,18 @@ def test_train_errors_are_one_line(tmp_path, capsys, case):
         "loss": (["--loss", "tisdpo"], "argument --loss: invalid choice: 'tisdpo' (choose from 'dpo'"),
         "truncation_mode": (["--truncation-mode", "keepend"], "invalid choice: 'keepend'"),
         "no_rejected": (["--data", str(write_rows(tmp_path / "a.jsonl", [{"prompt": "p", "chosen": "c"}]))],
-                        "row 0 (line 1) of"),
+                        "a.jsonl line 1 has no 'rejected' column"),
         "empty_chosen": (["--data", str(write_rows(tmp_path / "b.jsonl", [{**pairs()[0], "chosen": " "}] * 3))],
-                         "row 0 (line 1): 'chosen' is empty"),
+                         "b.jsonl line 1: 'chosen' is empty"),
+        # The held-out split reorders the rows: the message still names the file line of the bad row.
+        "empty_after_split": (["--eval-size", "3", "--data", str(write_rows(
+            tmp_path / "c.jsonl", [*pairs(9), {**pairs()[0], "chosen": " "}]))], "c.jsonl line 10: 'chosen' is"),
         "model_path": (["--model", str(tmp_path / "nowhere")], "is not a local folder"),
         "weights_rows": (["--loss", "tis_dpo", "--weights", str(write_rows(tmp_path / "w.jsonl", [
             {"chosen_weights": [1.0], "rejected_weights": [1.0]}] * 2))], "weights has 2 rows but"),
+        "negative_steps": (["--max-steps", "-5"], "--max-steps must be a positive integer or -1"),
+        "zero_accumulation": (["--gradient-accumulation-steps", "0"],
+                              "--gradient-accumulation-steps must be in [1, inf)"),
     }[case]
     line = one_line_error(capsys, lambda: cli_main([*argv, *expected[0]]))
     assert line.startswith("tidpo train: error: ") and expected[1] in line, line
@@ -79,12 +85,78 @@ def test_other_commands_fail_in_one_line_too(tmp_path, capsys):
     line = one_line_error(capsys, lambda: cli_main(["estimate-weights", "--positive", "x", "--negative", "x",
                                                     "--data", str(tmp_path / "none.jsonl"), "--out",
                                                     str(tmp_path / "w.jsonl")]))
-    assert line.startswith("tidpo estimate-weights: error: data file or folder") and "does not exist" in line
+    assert line.startswith("tidpo estimate-weights: error: --data file or folder") and "does not exist" in line
     line = one_line_error(capsys, lambda: cli_main(["experiment", "--noise", "0.7", "--output-dir",
                                                     str(tmp_path)]))
     assert line.startswith("tidpo experiment: error: --noise")
     line = one_line_error(capsys, lambda: cli_main(["nope"]))
     assert line.startswith("tidpo: error: argument COMMAND: invalid choice")
+
+
+@pytest.mark.parametrize("argv, expected", [
+    # Library names become the command's flags (dashes) in errors.
+    (["train", "--max-length", "64", "--max-prompt-length", "64"],
+     "tidpo train: error: --max-prompt-length (64) must be smaller than --max-length (64)"),
+    (["train", "--eval-size", "-1"], "tidpo train: error: --eval-size must be in [0, inf)"),
+    (["train", "--lora-last-layers", "5"], "tidpo train: error: --lora-last-layers (5) exceeds the model's 2 layers"),
+    (["train", "--gamma", "0.5"], "tidpo train: error: --gamma=0.5 is not read by --loss='dpo'"),
+    (["estimate-weights", "--positive", "tiny-gpt2", "--negative", "tiny-gpt2", "--transform", "exp_clamp",
+      "--lower", "2", "--upper", "1"], "tidpo estimate-weights: error: --lower must be <= upper, got --lower=2"),
+    (["estimate-weights", "--positive", "tiny-gpt2", "--negative", "tiny-gpt2", "--transform", "exp_clamp",
+      "--k", "1e308"], "tidpo estimate-weights: error: the 'exp_clamp' transform with these parameters gives "
+                       "weights beyond float32's range"),
+    (["demo", "--eval-size", "5000", "--model", "tiny-gpt2"],
+     "tidpo demo: error: --eval-size (5000) must leave at least 2 of the corpus's"),
+    # Unknown flags are the command's error, not the top-level parser's; --debug may precede the command.
+    (["demo", "--bogus"], "tidpo demo: error: unrecognized arguments: --bogus"),
+    (["export-pairs", "--out", "x.jsonl", "extra"], "tidpo export-pairs: error: unrecognized arguments: extra"),
+    (["demo", "--learning-rate", "-1"], "tidpo demo: error: argument --learning-rate: must be a positive number"),
+])
+def test_errors_speak_in_flags(tmp_path, capsys, monkeypatch, argv, expected):
+    monkeypatch.chdir(tmp_path)
+    if argv[0] == "estimate-weights":
+        argv = [*argv, "--data", str(write_rows(tmp_path / "d.jsonl", pairs(2))), "--out", "w.jsonl"]
+    elif argv[0] == "train":
+        argv = [*argv, "--model", "tiny-gpt2", "--data", str(write_rows(tmp_path / "d.jsonl", pairs(4))),
+                "--eval-size" if "--eval-size" not in argv else "--max-steps", "0" if "--eval-size" not in argv
+                else "1", "--output-dir", "out"]
+    line = one_line_error(capsys, lambda: cli_main(argv))
+    assert line.startswith(expected), line
+
+
+def test_debug_before_the_command_and_one_line_warnings(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="is not a local folder"):
+        cli_main(["--debug", "train", "--model", str(tmp_path / "none"), "--output-dir", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        cli_main(["--debug", "quickstart", "--bogus"])
+    assert "tidpo quickstart: error: unrecognized arguments: --bogus" in capsys.readouterr().err
+    assert cli_main(["quickstart", "--steps", "1", "--log-every", "1"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tidpo quickstart: warning: --steps is deprecated and will be removed in the next release; use "
+                   "--max-steps"], err
+    line = one_line_error(capsys, lambda: cli_main(["export-pairs", "--out", str(tmp_path)]))
+    assert line.startswith(f"tidpo export-pairs: error: {str(tmp_path)!r} is a folder"), line
+
+
+def test_experiment_takes_the_shared_names():
+    from tidpo.cli.experiment import config_from_args
+
+    parser = __import__("tidpo.cli", fromlist=["build_parser"]).build_parser()
+    config = config_from_args(parser.parse_args(["experiment", "--preset", "smoke", "--train-size", "24",
+                                                 "--eval-size", "8"]))
+    assert (config.num_train, config.num_heldout) == (24, 8)
+    with pytest.warns(FutureWarning, match="--num-train is deprecated .* use --train-size"):
+        old = config_from_args(parser.parse_args(["experiment", "--preset", "smoke", "--num-train", "24"]))
+    assert old.num_train == 24
+
+
+def test_preference_inputs_refuses_bad_ids():
+    for prompt, match in (([[1.5]], r"prompt_ids\[0\]\[0\] is 1.5"), ([[-1]], r"prompt_ids\[0\]\[0\] is -1"),
+                          ([torch.tensor([1.0])], r"prompt_ids\[0\] must be a 1-D integer tensor")):
+        with pytest.raises(ValueError, match=match):
+            tidpo.preference_inputs(prompt, [[3]], [[4]], pad_token_id=0)
+    with pytest.raises(ValueError, match=r"chosen_ids\[0\] is empty"):
+        tidpo.preference_inputs([[1]], [[]], [[4]], pad_token_id=0)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -125,7 +197,7 @@ def test_weights_for_other_tokens_are_refused(tmp_path):
     # Same number of tokens, other tokens (e.g. weights estimated for other text or another tokenizer).
     records[1]["chosen_tokens"] = ["Ġx"] + records[1]["chosen_tokens"][1:]
     write_rows(weights, records)
-    with pytest.raises(ValueError, match=r"row 1 \(line 2\): the weights were estimated for other tokens .* "
+    with pytest.raises(ValueError, match=r"d.jsonl line 2: the weights were estimated for other tokens .* "
                                          r"chosen_tokens differs at token 0 \('Ġx' vs 'ĠIt'\)"):
         tokenize_preference_rows(load_preference_rows(data, weights=weights), tok, progress=False)
 

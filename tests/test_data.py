@@ -16,6 +16,7 @@ import torch
 
 from tidpo.apps.assets import gpt2_tokenizer
 from tidpo.data import PreferenceCollator, PreferenceDataset, load_preference_rows, tokenize_preference_rows
+from tidpo.data.loading import ROW_ORIGIN
 
 EOS = PAD = 50256
 HELLO_WORLD = [15496, 995]
@@ -70,21 +71,47 @@ def test_load_datasets_dataset_and_dataset_dict_error():
         load_preference_rows(datasets.DatasetDict(train=dataset))
 
 
+def without_origin(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != ROW_ORIGIN} for row in rows]
+
+
+def test_rows_from_files_name_their_file_and_line(tmp_path, tok):
+    """Errors point at the file line of the row, whatever blank lines, folders or splits came before."""
+    (tmp_path / "gaps.jsonl").write_text("\n" + json.dumps(pair()) + "\n\n" + json.dumps(pair(chosen=" ")) + "\n")
+    rows = load_preference_rows(tmp_path / "gaps.jsonl")
+    path = tmp_path / "gaps.jsonl"
+    assert [row[ROW_ORIGIN] for row in rows] == [f"{path} line 2", f"{path} line 4"]
+    with pytest.raises(ValueError, match=r"gaps.jsonl line 4: 'chosen' is empty"):
+        tokenize_preference_rows(rows[::-1], tok, progress=False)  # reordered: the label follows the row
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n".join(json.dumps(pair()) for _ in range(3)) + "\n")
+    (folder / "b.jsonl").write_text(json.dumps(pair()) + "\n" + json.dumps({"prompt": "p", "chosen": "c"}) + "\n")
+    with pytest.raises(ValueError, match=r"b.jsonl line 2 has no 'rejected' column \(found \['chosen', 'prompt'\]\)"):
+        load_preference_rows(folder)
+    (folder / "b.jsonl").write_text(json.dumps(pair()) + "\n" + json.dumps(pair(chosen_weights=[1.0])) + "\n")
+    with pytest.raises(ValueError, match=r"b.jsonl line 2 has 'chosen_weights' but no 'rejected_weights'"):
+        tokenize_preference_rows(load_preference_rows(folder), tok, progress=False)
+    (tmp_path / "array.json").write_text(json.dumps([pair(), {"prompt": "p"}]))
+    with pytest.raises(ValueError, match=r"array.json item 1 \(0-based\) has no 'chosen'"):
+        load_preference_rows(tmp_path / "array.json")
+
+
 def test_load_json_array_json_lines_jsonl_and_parquet(tmp_path):
     (tmp_path / "array.json").write_text(json.dumps(ROWS))
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(row) for row in ROWS) + "\n")
     (tmp_path / "single.json").write_text(json.dumps(ROWS[0], indent=2))
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(row) for row in ROWS) + "\n\n")
     for name in ("array.json", "lines.json", "rows.jsonl"):
-        assert load_preference_rows(tmp_path / name) == ROWS, name
-        assert load_preference_rows(str(tmp_path / name)) == ROWS, name
-    assert load_preference_rows(tmp_path / "single.json") == ROWS[:1]
+        assert without_origin(load_preference_rows(tmp_path / name)) == ROWS, name
+        assert without_origin(load_preference_rows(str(tmp_path / name))) == ROWS, name
+    assert without_origin(load_preference_rows(tmp_path / "single.json")) == ROWS[:1]
 
     pq = pytest.importorskip("pyarrow.parquet")
     pa = pytest.importorskip("pyarrow")
     rows = [pair(), pair("The sky is", " blue", " green")]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
-    assert load_preference_rows(tmp_path / "rows.parquet") == rows
+    assert without_origin(load_preference_rows(tmp_path / "rows.parquet")) == rows
 
 
 def test_load_parquet_without_pyarrow_names_the_extra(tmp_path, monkeypatch):
@@ -104,7 +131,7 @@ def test_load_folder_of_files_sorted_by_name(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps([first]))
     pq.write_table(pa.Table.from_pylist([third]), tmp_path / "c.parquet")
     (tmp_path / "notes.txt").write_text("not data")
-    assert load_preference_rows(tmp_path) == [first, second, third]
+    assert without_origin(load_preference_rows(tmp_path)) == [first, second, third]
 
 
 def test_load_save_to_disk_folders(tmp_path):
@@ -131,7 +158,7 @@ def test_load_source_errors(tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl line 2 is not valid JSON"):
         load_preference_rows(tmp_path / "bad.jsonl")
     (tmp_path / "scalars.json").write_text("[1, 2]")
-    with pytest.raises(TypeError, match=r"source row 0 \(line 1\) of .*scalars.json must be a dict, got int"):
+    with pytest.raises(TypeError, match=r"source .*scalars.json item 0 \(0-based\) must be a dict, got int"):
         load_preference_rows(tmp_path / "scalars.json")
     (tmp_path / "nothing.jsonl").write_text("")
     with pytest.raises(ValueError, match="source has no rows"):
@@ -141,7 +168,7 @@ def test_load_source_errors(tmp_path):
 
 
 def test_load_missing_column_names_row_and_column():
-    with pytest.raises(ValueError, match=r"row 1 \(line 2\) of .* has no 'chosen' column .*explicit-prompt"):
+    with pytest.raises(ValueError, match=r"row 1 \(0-based\) of .* has no 'chosen' column .*explicit-prompt"):
         load_preference_rows([pair(), {"prompt": "p", "rejected": "r"}])
 
 
@@ -173,11 +200,12 @@ def test_weights_mismatches():
     with pytest.raises(ValueError, match="weights has 1 rows but source has 2 rows"):
         load_preference_rows(ROWS, weights=WEIGHT_ROWS[:1])
     wrong_prompt = [dict(WEIGHT_ROWS[0], prompt="Hello world"), dict(WEIGHT_ROWS[1], prompt="other data")]
-    with pytest.raises(ValueError, match=r"weights row 1 \(line 2\) has prompt 'other data' but data row 1 \(line 2\)"):
+    with pytest.raises(ValueError, match=r"weights row 1 \(0-based\) of the given list has prompt 'other data' but "
+                                         r"data row 1 \(0-based\) has"):
         load_preference_rows(ROWS, weights=wrong_prompt)
-    with pytest.raises(ValueError, match=r"weights row 0 \(line 1\) has no 'rejected_weights' column"):
+    with pytest.raises(ValueError, match=r"weights row 0 \(0-based\) of the given list has no 'rejected_weights'"):
         load_preference_rows(ROWS, weights=[{"chosen_weights": [1.0]}, WEIGHT_ROWS[1]])
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\) already has a 'chosen_weights' column"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\) already has a 'chosen_weights' column"):
         load_preference_rows([pair(chosen_weights=[1.0]), ROWS[1]], weights=WEIGHT_ROWS)
 
 
@@ -224,39 +252,39 @@ def test_weights_errors_name_the_row(tok):
     n_chosen = len(ids(tok, " yes and more words"))
     good = pair(chosen=" yes and more words", chosen_weights=[1.0] * n_chosen, rejected_weights=[1.0] * 2)
     bad_length = dict(good, chosen_weights=[1.0] * (n_chosen - 1))
-    message = (rf"row 1 \(line 2\): chosen_weights has {n_chosen - 1} values but the chosen response has "
+    message = (rf"row 1 \(0-based\): chosen_weights has {n_chosen - 1} values but the chosen response has "
                rf"{n_chosen + 1} tokens \(weights cover every response token but the final EOS")
     with pytest.raises(ValueError, match=message):
         tokenize_preference_rows([good, bad_length], tok, progress=False)
     for value in (math.nan, math.inf, "1.0", None, True):
         row = dict(good, rejected_weights=[1.0, value])
-        with pytest.raises(ValueError, match=r"row 0 \(line 1\): rejected_weights\[1\] is .*finite numbers"):
+        with pytest.raises(ValueError, match=r"row 0 \(0-based\): rejected_weights\[1\] is .*finite numbers"):
             tokenize_preference_rows([row], tok, progress=False)
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\): chosen_weights must be a list of floats, got str"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): chosen_weights must be a list of floats, got str"):
         tokenize_preference_rows([dict(good, chosen_weights="1 1 1")], tok, progress=False)
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\) has 'chosen_weights' but no 'rejected_weights'"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\) has 'chosen_weights' but no 'rejected_weights'"):
         tokenize_preference_rows([pair(chosen_weights=[1.0])], tok, progress=False)
-    with pytest.raises(ValueError, match=r"row 1 \(line 2\) has no token weights .* which this loss needs:"
+    with pytest.raises(ValueError, match=r"row 1 \(0-based\) has no token weights .* which this loss needs:"
                                          r" .*--weights PATH"):
         tokenize_preference_rows([good, pair()], tok, require_weights=True, progress=False)
-    with pytest.raises(ValueError, match=r"row 1 \(line 2\) has no token weights but row 0 \(line 1\) has"):
+    with pytest.raises(ValueError, match=r"row 1 \(0-based\) has no token weights but row 0 \(0-based\) has"):
         tokenize_preference_rows([good, pair()], tok, progress=False)
 
 
 def test_plain_text_row_errors(tok):
-    with pytest.raises(ValueError, match=r"row 1 \(line 2\): 'chosen' is empty or only whitespace"):
+    with pytest.raises(ValueError, match=r"row 1 \(0-based\): 'chosen' is empty or only whitespace"):
         tokenize_preference_rows([pair(), pair(chosen=" \n ")], tok, progress=False)
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\): 'prompt' is empty"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): 'prompt' is empty"):
         tokenize_preference_rows([pair(prompt="")], tok, progress=False)
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\): 'rejected' must be a string like 'prompt'.*got NoneType"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): 'rejected' must be a string like 'prompt'.*got NoneType"):
         tokenize_preference_rows([pair(rejected=None)], tok, progress=False)
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\): 'prompt' must be a string .* got int"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): 'prompt' must be a string .* got int"):
         tokenize_preference_rows([pair(prompt=3)], tok, progress=False)
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\) has no 'rejected' column"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\) has no 'rejected' column"):
         tokenize_preference_rows([{"prompt": "p", "chosen": "c"}], tok, progress=False)
     no_eos = copy.deepcopy(tok)
     no_eos.eos_token = None
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\): the tokenizer has no eos_token_id"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): the tokenizer has no eos_token_id"):
         tokenize_preference_rows([pair()], no_eos, progress=False)
 
 
@@ -355,22 +383,22 @@ def test_conversational_weights_cover_all_but_final_token(chat_tok):
     item = tokenize_preference_rows([row], chat_tok, progress=False)[0]
     assert item["chosen_weights"] == [2.0] * (n_chosen - 1) + [0.0]
     assert item["rejected_weights"] == [0.5] * (n_rejected - 1) + [0.0]
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\): chosen_weights has .* but the final one"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): chosen_weights has .* but the final one"):
         tokenize_preference_rows([dict(row, chosen_weights=[2.0] * n_chosen)], chat_tok, progress=False)
 
 
 def test_conversational_errors(tok, chat_tok):
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\) is conversational .* no chat_template.*plain-text rows"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\) is conversational .* no chat_template.*plain-text rows"):
         tokenize_preference_rows([chat_row()], tok, progress=False)
     mismatched = copy.deepcopy(tok)
     mismatched.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                                 "{% if add_generation_prompt %}assistant:\n{% endif %}")
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\): the chat template renders prompt \+ chosen so"
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): the chat template renders prompt \+ chosen so"
                                          r" that it does not"):
         tokenize_preference_rows([chat_row()], mismatched, progress=False)
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\): 'chosen' must be a non-empty list of .*got str"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): 'chosen' must be a non-empty list of .*got str"):
         tokenize_preference_rows([dict(chat_row(), chosen="Sure")], chat_tok, progress=False)
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\): 'rejected' message 0 must be a dict with 'role'"
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): 'rejected' message 0 must be a dict with 'role'"
                                          r" and 'content'"):
         tokenize_preference_rows([dict(chat_row(), rejected=[{"content": "x"}])], chat_tok, progress=False)
 

@@ -118,11 +118,13 @@ def test_example_script_runs(tmp_path):
 def test_export_pairs_writes_the_embedded_splits(tmp_path):
     from tidpo.apps.embedded import chatterbot_pairs
     from tidpo.data import load_preference_rows
+    from tidpo.data.loading import ROW_ORIGIN
 
     out, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
     assert cli_main(["export-pairs", "--out", str(out), "--heldout-out", str(held), "--max-train-pairs", "10",
                      "--eval-size", "4", "--plain"]) == 0
-    train_rows, held_rows = load_preference_rows(out), load_preference_rows(held)
+    train_rows, held_rows = ([{k: v for k, v in row.items() if k != ROW_ORIGIN} for row in load_preference_rows(path)]
+                             for path in (out, held))
     expected_train, expected_held = chatterbot_pairs(num_heldout=4, conversational=False, max_reply_words=24)
     assert train_rows == expected_train[:10] and held_rows == expected_held
     assert all(isinstance(r["chosen"], str) for r in train_rows)

@@ -177,7 +177,7 @@ def test_loss_in_trainer_equals_the_functional_loss(tmp_path, tokenizer):
 
 
 def test_tis_dpo_without_weights_is_refused(tmp_path, tokenizer):
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\).*chosen_weights|chosen_weights.*row 0 \(line 1\)"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\).*chosen_weights|chosen_weights.*row 0 \(0-based\)"):
         TokenWeightedDPOTrainer(lora_model(), config(tmp_path, loss="tis_dpo"), train_dataset=ROWS,
                                 processing_class=tokenizer)
 
@@ -216,14 +216,14 @@ def test_trainer_argument_errors(tmp_path, tokenizer):
         TokenWeightedDPOTrainer(plain, config(tmp_path), train_dataset=ROWS, processing_class=tokenizer,
                                 ref_model=plain)
     bad = [dict(ROWS[0]), {"prompt": "Hi", "chosen": "", "rejected": " no"}]
-    with pytest.raises(ValueError, match=r"row 1 \(line 2\)"):
+    with pytest.raises(ValueError, match=r"row 1 \(0-based\)"):
         TokenWeightedDPOTrainer(model, config(tmp_path), train_dataset=bad, processing_class=tokenizer)
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\).*rejected|rejected.*row 0 \(line 1\)"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\).*rejected|rejected.*row 0 \(0-based\)"):
         TokenWeightedDPOTrainer(model, config(tmp_path), train_dataset=[{"prompt": "a", "chosen": " b"}],
                                 processing_class=tokenizer)
     weights = with_weights(ROWS, tokenizer)
     weights[2]["chosen_weights"] = weights[2]["chosen_weights"][:-1]
-    with pytest.raises(ValueError, match=r"row 2 \(line 3\)"):
+    with pytest.raises(ValueError, match=r"row 2 \(0-based\)"):
         TokenWeightedDPOTrainer(model, config(tmp_path, loss="tis_dpo"), train_dataset=weights,
                                 processing_class=tokenizer)
 

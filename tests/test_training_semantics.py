@@ -557,7 +557,7 @@ def test_evaluate_and_predict_refuse_precomputed_reference_beside_ref_model(tmp_
         with pytest.raises(ValueError, match="carries precomputed reference log-probs .* and ref_model is given"):
             call(pre)
     rows = [{**ROWS[0], "chosen_ref_logps": [0.0], "rejected_ref_logps": [0.0]}]
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\) carries 'chosen_ref_logps'"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\) carries 'chosen_ref_logps'"):
         trainer.evaluate(rows)
 
 

@@ -139,7 +139,7 @@ def test_template_and_model_validation(tokenizer, models):
         score_pairs(*models, tokenizer, ROWS, negative_tokenizer=other, progress=False)
     score_pairs(*models, tokenizer, ROWS[:1], negative_tokenizer=gpt2_tokenizer(), progress=False)  # equal: fine
     long_row = {"prompt": "Say it", "chosen": " word" * 300, "rejected": " no."}
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\): the positive model input has 303 tokens but the"
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): the positive model input has 303 tokens but the"
                                          r" model takes at most "
                                          "256 positions"):
         score_pairs(*models, tokenizer, [long_row], max_length=1000, progress=False)
@@ -159,13 +159,13 @@ def test_conversational_rows_template_the_last_user_message(models):
                       negative_template="harmful", progress=False)[0]
     ids = tokenize_preference_rows([row], tokenizer, progress=False)[0]
     assert len(out["chosen_scores"]) == len(ids["chosen_input_ids"]) - 1
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\): a prompt template applies to .* last 'user' message"):
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): a prompt template applies to .* last 'user' message"):
         apply_template({**row, "prompt": [{"role": "system", "content": "x"}]}, "Q: {prompt}", 0)
     # A chat template that renders the reply depending on the prompt: the response ids change.
     tokenizer.chat_template = CHAT_TEMPLATE.replace(
         "{{ m['content'] }}\n", "{{ m['content'] }}{% if m['role'] == 'assistant' and loop.last %} "
                                 "[{{ messages[-2]['content'] | length }}]{% endif %}\n")
-    with pytest.raises(ValueError, match=r"row 0 \(line 1\): the chosen response tokenises differently with"
+    with pytest.raises(ValueError, match=r"row 0 \(0-based\): the chosen response tokenises differently with"
                                          r" the positive"):
         score_pairs(models[0], models[0], tokenizer, [row], positive_template="harmless",
                     negative_template="harmful", progress=False)

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -148,7 +149,10 @@ def run_main_job(*, loss: str = "dpo", max_steps: int = 40, eval_steps: int = 10
     policy = apply_lora(policy, r=lora_r, alpha=2 * lora_r, last_layers=last_layers)
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     total = sum(p.numel() for p in policy.parameters())
-    where = "every" if last_layers in (None, num_layers) else f"the last {last_layers} of {num_layers}"
+    if lora_last_layers is not None and lora_last_layers > num_layers:
+        warnings.warn(f"lora_last_layers={lora_last_layers} exceeds the model's {num_layers} blocks: all "
+                      f"{num_layers} are adapted", stacklevel=2)
+    where = f"all {num_layers}" if last_layers in (None, num_layers) else f"the last {last_layers} of {num_layers}"
     print(f"model {model}: {total / 1e6:.1f} M parameters; LoRA r={lora_r} on the linear layers of {where} blocks "
           f"trains {trainable / 1e6:.2f} M; "
           f"{len(train_rows)} training pairs, {len(heldout_rows)} held-out pairs (chatterbot corpus); "

@@ -14,9 +14,10 @@ shows the traceback instead.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from tidpo.cli.common import OneLineErrorParser, run_command
+from tidpo.cli.common import OneLineErrorParser, flag_names, run_command
 
 #: Commands with a parser of their own (flags owned by transformers' HfArgumentParser or several groups).
 _DELEGATED = {
@@ -27,6 +28,10 @@ _DELEGATED = {
     "show-weights": ("tidpo.cli.weights", "show_main", "render token weights as HTML and PNG; `--help` lists the "
                                                         "flags"),
 }
+
+
+#: Library argument names that the commands' flags spell differently.
+_FLAG_ALIASES = {"num_heldout": "--eval-size", "last_layers": "--lora-last-layers"}
 
 
 def build_parser() -> OneLineErrorParser:
@@ -44,21 +49,39 @@ def build_parser() -> OneLineErrorParser:
     return parser
 
 
+def _commands(parser: OneLineErrorParser) -> dict:
+    """The sub-parsers by command name."""
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
 def _run_parsed(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the command's own parser: `tidpo demo: error: unrecognized arguments: ...`
+        _commands(parser)[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
+
+
+def _flags() -> dict[str, str]:
+    names = {}
+    for command in _commands(build_parser()).values():
+        names.update(flag_names(command))
+    return {**names, **_FLAG_ALIASES}
 
 
 def main(argv: list[str] | None = None) -> int:
     import importlib
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in _DELEGATED:
-        module, function, _ = _DELEGATED[argv[0]]
-        return getattr(importlib.import_module(module), function)(argv[1:])
-    command = argv[0] if argv and not argv[0].startswith("-") else None
-    return run_command(f"tidpo {command}" if command else "tidpo", _run_parsed, argv)
-
+    # --debug may come before the command as well as after it (run_command reads it anywhere).
+    rest = [arg for arg in argv if arg != "--debug"]
+    if rest and rest[0] in _DELEGATED:
+        module, function, _ = _DELEGATED[rest[0]]
+        debug = ["--debug"] if len(rest) < len(argv) else []
+        return getattr(importlib.import_module(module), function)(rest[1:] + debug)
+    command = rest[0] if rest and not rest[0].startswith("-") else None
+    return run_command(f"tidpo {command}" if command else "tidpo", _run_parsed, argv, flags=_flags)
 
 if __name__ == "__main__":
     sys.exit(main())

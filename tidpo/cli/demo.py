@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from tidpo.cli.common import add_with_alias, positive_int
+from tidpo.cli.common import add_with_alias, positive_float, positive_int
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -74,8 +74,9 @@ def add_demo_commands(sub) -> None:
                    help="training pairs (default: all)")
     add_with_alias(demo, "--per-device-train-batch-size", "--batch-pairs", type=positive_int, default=4,
                    help="pairs per step")
-    add_with_alias(demo, "--learning-rate", "--lr", type=float, default=5e-4, help="AdamW learning rate (constant)")
-    demo.add_argument("--beta", type=float, default=0.1, help="inverse temperature beta")
+    add_with_alias(demo, "--learning-rate", "--lr", type=positive_float, default=5e-4,
+                   help="AdamW learning rate (constant)")
+    demo.add_argument("--beta", type=positive_float, default=0.1, help="inverse temperature beta")
     demo.add_argument("--lora-r", type=positive_int, default=16, help="LoRA rank (alpha = 2r)")
     add_with_alias(demo, "--lora-last-layers", "--lora-layers", type=positive_int, default=8,
                    help="adapters in the last N transformer blocks only (backward stops below them)")
@@ -94,8 +95,8 @@ def add_demo_commands(sub) -> None:
     quick.add_argument("--loss", choices=QUICKSTART_LOSSES, default="tis_dpo", help="preference loss")
     add_with_alias(quick, "--max-steps", "--steps", type=positive_int, default=40,
                    help="optimiser steps (full batch)")
-    add_with_alias(quick, "--learning-rate", "--lr", type=float, default=2e-3, help="AdamW learning rate")
-    quick.add_argument("--beta", type=float, default=0.1, help="DPO inverse temperature")
+    add_with_alias(quick, "--learning-rate", "--lr", type=positive_float, default=2e-3, help="AdamW learning rate")
+    quick.add_argument("--beta", type=positive_float, default=0.1, help="DPO inverse temperature")
     quick.add_argument("--seed", type=int, default=0, help="model initialisation seed")
     quick.add_argument("--log-every", type=positive_int, default=5, help="print every N steps")
     quick.set_defaults(func=_quickstart)

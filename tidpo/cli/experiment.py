@@ -1,7 +1,7 @@
 """``tidpo experiment``: does token weighting work? (:mod:`tidpo.apps.experiment`).
 
 Flags that a training run has carry ``tidpo train``'s names (``--max-steps``, ``--learning-rate``,
-``--per-device-train-batch-size``, ``--eval-steps``); the older short names work for one release.
+``--per-device-train-batch-size``, ``--eval-steps``, ``--eval-size``); the older short names work for one release.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ __all__ = ["add_arguments", "add_experiment_command", "config_from_args"]
 #: ExperimentConfig field -> its command-line flag (errors name the flag).
 _FLAGS = {"seeds": "--seeds", "noise_levels": "--noise", "methods": "--methods", "steps": "--max-steps",
           "sft_steps": "--sft-steps", "workers": "--workers", "lr": "--learning-rate", "beta": "--beta",
-          "batch_size": "--per-device-train-batch-size", "eval_every": "--eval-steps", "num_train": "--num-train",
-          "num_heldout": "--num-heldout", "pretrain_steps": "--pretrain-steps"}
+          "batch_size": "--per-device-train-batch-size", "eval_every": "--eval-steps", "num_train": "--train-size",
+          "num_heldout": "--eval-size", "pretrain_steps": "--pretrain-steps"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -47,10 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="pairs per step (default: the preset's)")
     add_with_alias(parser, "--eval-steps", "--eval-every", type=int, default=argparse.SUPPRESS,
                    help="reward curve: every N steps (default: the preset's)")
-    parser.add_argument("--num-train", type=int, default=argparse.SUPPRESS,
-                        help="training pairs (default: the preset's)")
-    parser.add_argument("--num-heldout", type=int, default=argparse.SUPPRESS,
-                        help="held-out pairs (default: the preset's)")
+    add_with_alias(parser, "--train-size", "--num-train", type=int, default=argparse.SUPPRESS,
+                   help="training pairs generated (default: the preset's)")
+    add_with_alias(parser, "--eval-size", "--num-heldout", type=int, default=argparse.SUPPRESS,
+                   help="held-out pairs generated (default: the preset's)")
     parser.add_argument("--workers", type=int, default=argparse.SUPPRESS, help="worker processes (default: 2)")
     return parser
 

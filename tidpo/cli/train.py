@@ -31,7 +31,7 @@ from transformers import HfArgumentParser
 
 from tidpo._validation import check_int, check_number
 from tidpo.apps.models import EMBEDDED, load_model_and_tokenizer
-from tidpo.cli.common import one_line_errors, run_command
+from tidpo.cli.common import flag_names, one_line_errors, run_command
 from tidpo.data import load_preference_rows, swap_chosen_rejected
 from tidpo.trainer import TokenWeightedDPOConfig, TokenWeightedDPOTrainer
 from tidpo.trainer.models import DTYPES, apply_lora
@@ -251,5 +251,6 @@ def _main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_command("tidpo train", _main, sys.argv[1:] if argv is None else list(argv))
+    return run_command("tidpo train", _main, sys.argv[1:] if argv is None else list(argv),
+                       flags=lambda: flag_names(build_parser(), last_layers="--lora-last-layers"))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from tidpo.cli.common import OneLineErrorParser, positive_int, run_command
+from tidpo.cli.common import OneLineErrorParser, flag_names, positive_int, run_command
 from tidpo.data.tokenization import TRUNCATION_MODES
 from tidpo.trainer.models import DTYPES
 from tidpo.weights.scoring import PROMPT_TEMPLATES
@@ -90,7 +90,8 @@ def build_estimate_parser() -> argparse.ArgumentParser:
 
 def estimate_main(argv: list[str]) -> int:
     """``tidpo estimate-weights ARGS``: write the weights file and print a summary; returns 0 (2 on an error)."""
-    return run_command("tidpo estimate-weights", _estimate, argv)
+    return run_command("tidpo estimate-weights", _estimate, argv, flags=lambda: flag_names(
+        build_estimate_parser(), positive_model="--positive", negative_model="--negative"))
 
 
 def _estimate(argv: list[str]) -> int:
@@ -134,7 +135,7 @@ def build_show_parser() -> argparse.ArgumentParser:
 
 def show_main(argv: list[str]) -> int:
     """``tidpo show-weights ARGS``: write the HTML page and the PNGs, print their paths; returns 0 (2 on an error)."""
-    return run_command("tidpo show-weights", _show, argv)
+    return run_command("tidpo show-weights", _show, argv, flags=lambda: flag_names(build_show_parser()))
 
 
 def _show(argv: list[str]) -> int:

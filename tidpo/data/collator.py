@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -192,14 +193,34 @@ def preference_inputs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[
         ignore_index``: the response tokens, the positions token weights or reference log-probs belong to).
 
     Raises:
-        ValueError: the three lists differ in length, or a prompt or response is empty.
+        ValueError: the three lists differ in length, a prompt or response is empty, or an id is not an int >= 0
+            (the message names the argument and the position).
     """
     if not (len(prompt_ids) == len(chosen_ids) == len(rejected_ids)) or not prompt_ids:
         raise ValueError(f"prompt_ids, chosen_ids and rejected_ids must hold the same number (>= 1) of sequences, "
                          f"got {len(prompt_ids)}, {len(chosen_ids)} and {len(rejected_ids)}")
-    items = [{"row": i, "prompt_input_ids": list(p), "chosen_input_ids": list(c), "rejected_input_ids": list(r)}
-             for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids, strict=True))]
+    columns = {name: [_token_ids(sequence, f"{name}[{i}]") for i, sequence in enumerate(sequences)]
+               for name, sequences in (("prompt_ids", prompt_ids), ("chosen_ids", chosen_ids),
+                                       ("rejected_ids", rejected_ids))}
+    items = [{"row": i, "prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": r}
+             for i, (p, c, r) in enumerate(zip(*columns.values(), strict=True))]
     batch = PreferenceCollator(pad_token_id, ignore_index=ignore_index)(items)
     labels = batch["labels"][:, 1:]
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels,
             "response_mask": labels != ignore_index}
+
+
+def _token_ids(sequence, name: str) -> list[int]:
+    """``sequence`` (a list / tuple / 1-D integer tensor of ids) as a non-empty list of ints >= 0."""
+    if isinstance(sequence, torch.Tensor):
+        if sequence.dim() != 1 or sequence.dtype.is_floating_point or sequence.dtype.is_complex:
+            raise ValueError(f"{name} must be a 1-D integer tensor, got {sequence.dtype} of shape "
+                             f"{tuple(sequence.shape)}")
+        sequence = sequence.tolist()
+    ids = list(sequence)
+    if not ids:
+        raise ValueError(f"{name} is empty: every prompt and response needs at least one token")
+    for position, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise ValueError(f"{name}[{position}] is {token!r}; token ids are ints >= 0")
+    return [int(token) for token in ids]

@@ -44,15 +44,16 @@ def is_conversational(row: Mapping, index: int) -> bool:
         for column in ("chosen", "rejected"):
             if not isinstance(row[column], str):
                 raise ValueError(
-                    f"{row_label(index)}: {column!r} must be a string like 'prompt' (plain-text row), "
+                    f"{row_label(index, row)}: {column!r} must be a string like 'prompt' (plain-text row), "
                     f"got {type(row[column]).__name__}")
         return False
     if isinstance(prompt, (list, tuple)):
         for column in ("prompt", "chosen", "rejected"):
-            _check_messages(row[column], index, column)
+            _check_messages(row[column], row_label(index, row), column)
         return True
     raise ValueError(
-        f"{row_label(index)}: 'prompt' must be a string (plain-text row) or a list of {{'role', 'content'}} messages "
+        f"{row_label(index, row)}: 'prompt' must be a string (plain-text row) or a list of {{'role', 'content'}} "
+        "messages "
         f"(conversational row), got {type(prompt).__name__}")
 
 
@@ -76,12 +77,12 @@ def encode_plain_batch(tokenizer, rows: Sequence[Mapping], indices: Sequence[int
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError(
-            f"{row_label(indices[0])}: the tokenizer has no eos_token_id, but plain-text rows end each response with "
-            "EOS; set tokenizer.eos_token")
+            f"{row_label(indices[0], rows[0])}: the tokenizer has no eos_token_id, but plain-text rows end each "
+            "response with EOS; set tokenizer.eos_token")
     for row, index in zip(rows, indices, strict=True):
         for column in ("prompt", "chosen", "rejected"):
             if not row[column].strip():
-                raise ValueError(f"{row_label(index)}: {column!r} is empty or only whitespace")
+                raise ValueError(f"{row_label(index, row)}: {column!r} is empty or only whitespace")
     bos = tokenizer.bos_token_id
     bos_text, eos_text = getattr(tokenizer, "bos_token", None), tokenizer.eos_token
     prompts = tokenizer([_from_bos(row["prompt"], bos_text) for row in rows], add_special_tokens=True)["input_ids"]
@@ -128,25 +129,27 @@ def encode_chat_batch(tokenizer, rows: Sequence[Mapping], indices: Sequence[int]
         return []
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
-            f"{row_label(indices[0])} is conversational (its prompt is a list of messages) but the tokenizer has no "
-            "chat_template; set tokenizer.chat_template, or pass plain-text rows (strings), which need none")
+            f"{row_label(indices[0], rows[0])} is conversational (its prompt is a list of messages) but the "
+            "tokenizer has no chat_template; set tokenizer.chat_template, or pass plain-text rows (strings), which "
+            "need none")
     terminator = _reply_terminator(tokenizer)
     encoded = []
     for row, index in zip(rows, indices, strict=True):
+        label = row_label(index, row)
         prompt = list(row["prompt"])
-        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True, index=index)
+        prompt_ids = _chat_ids(tokenizer, prompt, add_generation_prompt=True, label=label)
         responses = []
         for column in ("chosen", "rejected"):
             reply = [_without_suffix(message, terminator) for message in row[column]]
-            full_ids = _chat_ids(tokenizer, prompt + reply, add_generation_prompt=False, index=index)
+            full_ids = _chat_ids(tokenizer, prompt + reply, add_generation_prompt=False, label=label)
             if full_ids[: len(prompt_ids)] != prompt_ids:
                 raise ValueError(
-                    f"{row_label(index)}: the chat template renders prompt + {column} so that it does not start with "
+                    f"{label}: the chat template renders prompt + {column} so that it does not start with "
                     "the rendered prompt (add_generation_prompt=True); the response tokens cannot be separated "
                     "from the prompt with this template")
             response_ids = full_ids[len(prompt_ids):]
             if not response_ids:
-                raise ValueError(f"{row_label(index)}: {column!r} renders to no tokens after the prompt")
+                raise ValueError(f"{label}: {column!r} renders to no tokens after the prompt")
             responses.append(response_ids)
         encoded.append((prompt_ids, responses[0], responses[1]))
     return encoded
@@ -181,19 +184,19 @@ def _without_suffix(message, terminator: str):
     return {**message, "content": content.rstrip()[:-len(terminator)]}
 
 
-def _check_messages(messages, index: int, column: str) -> None:
+def _check_messages(messages, label: str, column: str) -> None:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ValueError(
-            f"{row_label(index)}: {column!r} must be a non-empty list of {{'role', 'content'}} messages "
+            f"{label}: {column!r} must be a non-empty list of {{'role', 'content'}} messages "
             f"(conversational row), got {_kind(messages)}")
     for position, message in enumerate(messages):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
             raise ValueError(
-                f"{row_label(index)}: {column!r} message {position} must be a dict with 'role' and 'content', "
+                f"{label}: {column!r} message {position} must be a dict with 'role' and 'content', "
                 f"got {_kind(message)}")
 
 
-def _chat_ids(tokenizer, messages: list, *, add_generation_prompt: bool, index: int) -> list[int]:
+def _chat_ids(tokenizer, messages: list, *, add_generation_prompt: bool, label: str) -> list[int]:
     """``apply_chat_template(..., tokenize=True)`` as a list of ids (transformers 4 returns a list, 5 a dict)."""
     out = tokenizer.apply_chat_template(
         messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)
@@ -201,7 +204,7 @@ def _chat_ids(tokenizer, messages: list, *, add_generation_prompt: bool, index: 
         out = out["input_ids"]
     ids = _single_leading_bos(list(out), getattr(tokenizer, "bos_token_id", None))
     if not all(isinstance(token, int) for token in ids):
-        raise ValueError(f"{row_label(index)}: apply_chat_template did not return a flat list of token ids")
+        raise ValueError(f"{label}: apply_chat_template did not return a flat list of token ids")
     return ids
 
 

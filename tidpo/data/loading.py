@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PREFERENCE_COLUMNS", "TOKEN_COLUMNS", "WEIGHT_COLUMNS", "load_preference_rows", "row_label",
-           "swap_chosen_rejected"]
+__all__ = ["PREFERENCE_COLUMNS", "ROW_ORIGIN", "TOKEN_COLUMNS", "WEIGHT_COLUMNS", "load_preference_rows",
+           "row_label", "swap_chosen_rejected"]
 
 #: Columns every preference row must have (TRL's explicit-prompt preference format).
 PREFERENCE_COLUMNS: tuple[str, str, str] = ("prompt", "chosen", "rejected")
@@ -23,6 +23,9 @@ WEIGHT_COLUMNS: tuple[str, str] = ("chosen_weights", "rejected_weights")
 #: Columns of a weights file (``tidpo estimate-weights``) with the tokens the weights belong to: the tokeniser
 #: compares them with its own tokens, so weights estimated with another tokenizer or template are refused.
 TOKEN_COLUMNS: tuple[str, str] = ("chosen_tokens", "rejected_tokens")
+#: Column that rows read from a file carry: where the row is (``"pairs.jsonl line 7"``), so that an error about
+#: the row points at the file and line even after the rows were split, shuffled or concatenated.
+ROW_ORIGIN = "row_origin"
 
 _FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 #: Files that mark a ``datasets`` ``save_to_disk`` folder (``Dataset`` and ``DatasetDict`` respectively).
@@ -30,9 +33,11 @@ _SAVED_DATASET_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json"
 _INSTALL_DATA_EXTRA = 'pip install "tidpo[data]"'
 
 
-def row_label(index: int) -> str:
-    """How error messages name a data row: its 0-based index and, for files, the line it is on."""
-    return f"row {index} (line {index + 1})"
+def row_label(index: int, row=None) -> str:
+    """How error messages name data row ``index``: where it was read (``"pairs.jsonl line 7"``, from the
+    row's :data:`ROW_ORIGIN`) or, for rows given in memory, ``"row 6 (0-based)"``."""
+    origin = row.get(ROW_ORIGIN) if isinstance(row, Mapping) else None
+    return str(origin) if origin else f"row {index} (0-based)"
 
 
 def load_preference_rows(source, *, weights=None) -> list[dict[str, Any]]:
@@ -58,6 +63,8 @@ def load_preference_rows(source, *, weights=None) -> list[dict[str, Any]]:
     Returns:
         One dict per row (shallow copies: the caller's objects are never modified), with at least
         ``prompt``, ``chosen`` and ``rejected``, plus ``chosen_weights`` / ``rejected_weights`` when merged.
+        Rows read from files also carry :data:`ROW_ORIGIN` (``"pairs.jsonl line 7"``, ``"pairs.parquet row 6
+        (0-based)"``), which error messages name; tokenisation ignores it.
 
     Raises:
         FileNotFoundError: a path that does not exist (named in the message).
@@ -72,8 +79,9 @@ def load_preference_rows(source, *, weights=None) -> list[dict[str, Any]]:
     for index, row in enumerate(rows):
         missing = [column for column in PREFERENCE_COLUMNS if column not in row]
         if missing:
+            found = sorted(column for column in row if column != ROW_ORIGIN)
             raise ValueError(
-                f"{row_label(index)} of {_describe(source)} has no {missing[0]!r} column (found {sorted(row)}); "
+                f"{_located(index, row, source)} has no {missing[0]!r} column (found {found}); "
                 f"preference rows need {list(PREFERENCE_COLUMNS)} (TRL's explicit-prompt format)")
     if weights is not None:
         _merge_weights(rows, _read_records(weights, "weights"), weights)
@@ -94,17 +102,19 @@ def _merge_weights(rows: list[dict], weight_rows: list[dict], weights) -> None:
     for index, (row, weight_row) in enumerate(zip(rows, weight_rows, strict=True)):
         for column in WEIGHT_COLUMNS:
             if column not in weight_row:
+                found = sorted(c for c in weight_row if c != ROW_ORIGIN)
                 raise ValueError(
-                    f"weights {row_label(index)} has no {column!r} column (found {sorted(weight_row)}); "
+                    f"weights {_located(index, weight_row, weights)} has no {column!r} column (found {found}); "
                     f"weights rows need {list(WEIGHT_COLUMNS)}")
             if column in row:
                 raise ValueError(
-                    f"{row_label(index)} already has a {column!r} column and weights were given as well; "
-                    "drop the column from the data or pass weights=None to use it")
+                    f"{_located(index, row)} already has a {column!r} column and weights were given as "
+                    "well; drop the column from the data or pass weights=None to use it")
         if "prompt" in weight_row and weight_row["prompt"] != row["prompt"]:
             raise ValueError(
-                f"weights {row_label(index)} has prompt {_preview(weight_row['prompt'])} but data {row_label(index)} "
-                f"has prompt {_preview(row['prompt'])}; the weights were made for other data (or another order)")
+                f"weights {_located(index, weight_row, weights)} has prompt {_preview(weight_row['prompt'])} but "
+                f"data {_located(index, row)} has prompt {_preview(row['prompt'])}; the weights were made "
+                "for other data (or another order)")
         for column in (*WEIGHT_COLUMNS, *TOKEN_COLUMNS):
             if column in weight_row:
                 row[column] = weight_row[column]
@@ -133,14 +143,24 @@ def _read_records(source, name: str) -> list[dict]:
         f"folder, got {type(source).__name__}")
 
 
-def _check_records(records, name: str, origin: str | None = None) -> list[dict]:
+def _check_records(records, name: str, origins: list[str] | None = None) -> list[dict]:
+    """Fresh dicts of ``records``; ``origins[i]`` (where record ``i`` was read) goes into :data:`ROW_ORIGIN`."""
     out = []
     for index, record in enumerate(records):
+        where = origins[index] if origins else f"row {index} (0-based)"
         if not isinstance(record, Mapping):
-            where = f" of {origin}" if origin else ""
-            raise TypeError(f"{name} {row_label(index)}{where} must be a dict, got {type(record).__name__}")
-        out.append(dict(record))
+            raise TypeError(f"{name} {where} must be a dict, got {type(record).__name__}")
+        row = dict(record)
+        if origins:
+            row[ROW_ORIGIN] = where
+        out.append(row)
     return out
+
+
+def _located(index: int, row: Mapping, source=None) -> str:
+    """``row_label``, plus the source (when given) if the row does not say where it was read."""
+    label = row_label(index, row)
+    return label if row.get(ROW_ORIGIN) or source is None else f"{label} of {_describe(source)}"
 
 
 def _read_path(path: Path, name: str) -> list[dict]:
@@ -174,11 +194,16 @@ def _read_folder(folder: Path, name: str) -> list[dict]:
 
 def _read_file(path: Path, name: str) -> list[dict]:
     if path.suffix == ".parquet":
-        return _check_records(_read_parquet(path, name), name, str(path))
+        records = _read_parquet(path, name)
+        return _check_records(records, name, [f"{path} row {i} (0-based)" for i in range(len(records))])
     if path.suffix == ".jsonl":
-        return _check_records(_read_json_lines(path, name), name, str(path))
+        records, lines = _parse_json_lines(path.read_text(encoding="utf-8"), path, name)
+        return _check_records(records, name, [f"{path} line {line}" for line in lines])
     if path.suffix == ".json":
-        return _check_records(_read_json(path, name), name, str(path))
+        records, lines = _read_json(path, name)
+        origins = ([f"{path} line {line}" for line in lines] if lines is not None
+                   else [f"{path} item {i} (0-based)" for i in range(len(records))])
+        return _check_records(records, name, origins)
     raise ValueError(f"{name} file {path} has an unsupported suffix; expected one of {list(_FILE_SUFFIXES)}")
 
 
@@ -192,27 +217,24 @@ def _read_parquet(path: Path, name: str) -> list:
     return pq.read_table(path).to_pylist()
 
 
-def _read_json(path: Path, name: str) -> list:
-    """A ``.json`` file: a JSON array of objects, a single object, or JSON lines."""
+def _read_json(path: Path, name: str) -> tuple[list, list[int] | None]:
+    """A ``.json`` file: a JSON array of objects, a single object, or JSON lines; with line numbers for lines."""
     text = path.read_text(encoding="utf-8")
     try:
         document = json.loads(text)
     except json.JSONDecodeError:
         return _parse_json_lines(text, path, name)
     if isinstance(document, list):
-        return document
+        return document, None
     if isinstance(document, Mapping):
-        return [document]
+        return [document], None
     raise ValueError(
         f"{name} file {path} holds a JSON {type(document).__name__}; expected an array of objects or JSON lines")
 
 
-def _read_json_lines(path: Path, name: str) -> list:
-    return _parse_json_lines(path.read_text(encoding="utf-8"), path, name)
-
-
-def _parse_json_lines(text: str, path: Path, name: str) -> list:
-    records = []
+def _parse_json_lines(text: str, path: Path, name: str) -> tuple[list, list[int]]:
+    """The records of JSON-lines ``text`` and the (1-based) line each is on; blank lines are skipped."""
+    records, lines = [], []
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -222,7 +244,8 @@ def _parse_json_lines(text: str, path: Path, name: str) -> list:
             raise ValueError(
                 f"{name} file {path} line {line_number} is not valid JSON ({error.msg}); expected a JSON array "
                 "of objects or one JSON object per line") from error
-    return records
+        lines.append(line_number)
+    return records, lines
 
 
 # ----------------------------------------------------------------------------------------------------

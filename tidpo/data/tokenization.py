@@ -32,7 +32,7 @@ from tidpo._validation import check_int
 from tidpo.data.collator import ALIGNED_BATCH_COLUMNS
 from tidpo.data.dataset import PreferenceDataset
 from tidpo.data.encoding import encode_chat_batch, encode_plain_batch, is_conversational
-from tidpo.data.loading import PREFERENCE_COLUMNS, TOKEN_COLUMNS, WEIGHT_COLUMNS, row_label
+from tidpo.data.loading import PREFERENCE_COLUMNS, ROW_ORIGIN, TOKEN_COLUMNS, WEIGHT_COLUMNS, row_label
 
 __all__ = ["tokenize_preference_rows"]
 
@@ -89,13 +89,14 @@ def tokenize_preference_rows(rows: Sequence[Mapping], tokenizer, *, max_length: 
                 weights = _row_weights(rows[index], index, weights_columns, require_weights)
                 if weights is not None:
                     _check_weight_tokens(rows[index], index, ids, tokenizer)
-                item, prompt_cut, response_cut = _build_item(index, ids, weights, chat, limits, weights_columns)
+                item, prompt_cut, response_cut = _build_item(index, row_label(index, rows[index]), ids, weights, chat,
+                                                             limits, weights_columns)
                 items.append(item)
                 cut["prompt"] += prompt_cut
                 cut["response"] += response_cut
             if bar is not None:
                 bar.update(len(indices))
-    _check_weights_everywhere_or_nowhere(items, weights_columns)
+    _check_weights_everywhere_or_nowhere(items, rows, weights_columns)
     if cut["prompt"] or cut["response"]:
         logger.warning("%s: %d of %d pairs are longer than max_length=%d: %d prompts and the responses of %d pairs "
                        "were cut (see tidpo.data.tokenization for the rule)", desc, max(cut.values()), len(rows),
@@ -117,10 +118,11 @@ def _encode_chunk(rows: Sequence[Mapping], indices: range, tokenizer):
             raise TypeError(f"{row_label(index)} must be a dict, got {type(row).__name__}")
         for column in PREFERENCE_COLUMNS:
             if column not in row:
-                raise ValueError(f"{row_label(index)} has no {column!r} column (found {sorted(row)})")
+                found = sorted(c for c in row if c != ROW_ORIGIN)
+                raise ValueError(f"{row_label(index, row)} has no {column!r} column (found {found})")
         carried = [column for column in ALIGNED_BATCH_COLUMNS["ref_logps"] if row.get(column) is not None]
         if carried:
-            raise ValueError(f"{row_label(index)} carries {carried[0]!r}: reference log-probs are aligned to the "
+            raise ValueError(f"{row_label(index, row)} carries {carried[0]!r}: reference log-probs are aligned to the "
                              "tokens, so they travel only with tokenised pairs (a PreferenceDataset, e.g. from "
                              "precompute_ref_logps); drop the column and let the trainer compute them")
         (chat if is_conversational(row, index) else plain).append(index)
@@ -139,23 +141,24 @@ def _row_weights(row: Mapping, index: int, weights_columns, require_weights: boo
         return tuple(row[column] for column in weights_columns)
     if any(present):
         have, lack = (weights_columns if present[0] else weights_columns[::-1])
-        raise ValueError(f"{row_label(index)} has {have!r} but no {lack!r}; give both weight columns or neither")
+        raise ValueError(f"{row_label(index, row)} has {have!r} but no {lack!r}; give both weight columns or neither")
     if require_weights:
         raise ValueError(
-            f"{row_label(index)} has no token weights ({weights_columns[0]!r} / {weights_columns[1]!r}), which this "
-            "loss needs: add the two columns to the data, or give a weights file (tidpo train --weights PATH, "
+            f"{row_label(index, row)} has no token weights ({weights_columns[0]!r} / {weights_columns[1]!r}), which "
+            "this loss needs: add the two columns to the data, or give a weights file (tidpo train --weights PATH, "
             "load_preference_rows(data, weights=PATH))")
     return None
 
 
-def _build_item(index: int, ids, weights, chat: bool, limits, weights_columns) -> tuple[dict, bool, bool]:
+def _build_item(index: int, label: str, ids, weights, chat: bool, limits,
+                weights_columns) -> tuple[dict, bool, bool]:
     prompt_ids, chosen_ids, rejected_ids = ids
     item = {"row": index, "prompt_input_ids": prompt_ids, "chosen_input_ids": chosen_ids,
             "rejected_input_ids": rejected_ids}
     if weights is not None:
         for column, values, response, name in zip(weights_columns, weights, (chosen_ids, rejected_ids),
                                                   ("chosen", "rejected"), strict=True):
-            item[f"{name}_weights"] = _aligned_weights(values, response, index, column, name, chat)
+            item[f"{name}_weights"] = _aligned_weights(values, response, label, column, name, chat)
     return _truncate(item, limits, with_weights=weights is not None)
 
 
@@ -175,28 +178,28 @@ def _check_weight_tokens(row: Mapping, index: int, ids, tokenizer) -> None:
                             min(len(expected), len(ours)))
             theirs = expected[position] if position < len(expected) else "(end)"
             mine = ours[position] if position < len(ours) else "(end)"
-            raise ValueError(f"{row_label(index)}: the weights were estimated for other tokens than this tokenizer "
-                             f"gives: {column} differs at token {position} ({theirs!r} vs {mine!r}); estimate them "
-                             "with the training run's tokenizer, chat template and data")
+            raise ValueError(f"{row_label(index, row)}: the weights were estimated for other tokens than this "
+                             f"tokenizer gives: {column} differs at token {position} ({theirs!r} vs {mine!r}); "
+                             "estimate them with the training run's tokenizer, chat template and data")
 
 
-def _aligned_weights(values, response_ids: list[int], index: int, column: str, name: str,
+def _aligned_weights(values, response_ids: list[int], label: str, column: str, name: str,
                      chat: bool) -> list[float]:
     """``values`` (one per response token but the last) followed by 0.0 for the last token."""
     if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
         values = values.tolist()
     if not isinstance(values, (list, tuple)):
-        raise ValueError(f"{row_label(index)}: {column} must be a list of floats, got {type(values).__name__}")
+        raise ValueError(f"{label}: {column} must be a list of floats, got {type(values).__name__}")
     expected = len(response_ids) - 1
     if len(values) != expected:
         last = "the final EOS" if not chat else "the final one"
         raise ValueError(
-            f"{row_label(index)}: {column} has {len(values)} values but the {name} response has {len(response_ids)} "
-            f"tokens (weights cover every response token but {last}, so {expected} values are expected)")
+            f"{label}: {column} has {len(values)} values but the {name} response has {len(response_ids)} tokens "
+            f"(weights cover every response token but {last}, so {expected} values are expected)")
     for position, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(
-                f"{row_label(index)}: {column}[{position}] is {value!r}; token weights must be finite numbers")
+                f"{label}: {column}[{position}] is {value!r}; token weights must be finite numbers")
     return [float(value) for value in values] + [0.0]
 
 
@@ -252,7 +255,7 @@ def _check_arguments(rows, max_length, max_prompt_length, truncation_mode, weigh
         raise ValueError("require_weights=True needs weights_columns; it is None")
 
 
-def _check_weights_everywhere_or_nowhere(items: list[dict], weights_columns) -> None:
+def _check_weights_everywhere_or_nowhere(items: list[dict], rows: Sequence[Mapping], weights_columns) -> None:
     """Weights on some rows but not others would break batching later; report the first row without them."""
     if weights_columns is None:
         return
@@ -261,8 +264,9 @@ def _check_weights_everywhere_or_nowhere(items: list[dict], weights_columns) -> 
         first_with = items[with_weights.index(True)]["row"]
         first_without = items[with_weights.index(False)]["row"]
         raise ValueError(
-            f"{row_label(first_without)} has no token weights but {row_label(first_with)} has; {sum(with_weights)} of "
-            f"{len(items)} rows carry {weights_columns[0]!r} / {weights_columns[1]!r}: give weights for every "
+            f"{row_label(first_without, rows[first_without])} has no token weights but "
+            f"{row_label(first_with, rows[first_with])} has; {sum(with_weights)} of {len(items)} rows carry "
+            f"{weights_columns[0]!r} / {weights_columns[1]!r}: give weights for every "
             "row or for none (require_weights=True reports each row without weights)")
 
 

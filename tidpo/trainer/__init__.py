@@ -6,6 +6,7 @@ logits, data or online token weights) and which config fields it reads.
 
 from tidpo.trainer.config import TokenWeightedDPOConfig
 from tidpo.trainer.loss_registry import LOSS_REGISTRY, LOSSES, LossSpec
+from tidpo.trainer.models import apply_lora
 from tidpo.trainer.trainer import TokenWeightedDPOTrainer
 
-__all__ = ["LOSSES", "LOSS_REGISTRY", "LossSpec", "TokenWeightedDPOConfig", "TokenWeightedDPOTrainer"]
+__all__ = ["LOSSES", "LOSS_REGISTRY", "LossSpec", "TokenWeightedDPOConfig", "TokenWeightedDPOTrainer", "apply_lora"]

@@ -154,6 +154,21 @@ class TokenWeightedDPOConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata=_help(
         "kept False: the preference collator reads every tokenised column"))
 
+    def _check_training_loop(self) -> None:
+        """The Trainer's loop settings, which transformers accepts when zero or negative (a negative max_steps
+        silently trains for num_train_epochs, zero accumulation steps fail mid-run with a ZeroDivisionError)."""
+        if self.max_steps != -1 and (isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int)
+                                     or self.max_steps < 1):
+            raise ValueError(f"max_steps must be a positive integer or -1 (train for num_train_epochs), "
+                             f"got {self.max_steps!r}")
+        if self.max_steps == -1:
+            check_number(self.num_train_epochs, "num_train_epochs", low=0.0, low_open=True)
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check_int(getattr(self, name), name, low=1)
+        for name in ("logging_steps", "save_steps", "eval_steps"):
+            if getattr(self, name) is not None:  # an int >= 1, or a float in (0, 1): a share of the run
+                check_number(getattr(self, name), name, low=0.0, low_open=True)
+
     def __post_init__(self):
         if not self.use_cpu and not _accelerator_available():
             # Without an accelerator the run is on the CPU anyway; saying so lets --bf16 (CPU autocast) work
@@ -163,6 +178,7 @@ class TokenWeightedDPOConfig(TrainingArguments):
         if self.dataloader_pin_memory and (self.use_cpu or not torch.cuda.is_available()):
             # Pinned memory only helps host-to-accelerator copies; without one the DataLoader warns per run.
             self.dataloader_pin_memory = False
+        self._check_training_loop()
         check_choice(self.loss, "loss", tuple(LOSS_REGISTRY))
         if self.ti_preset is not None:
             check_choice(self.ti_preset, "ti_preset", ("official",))

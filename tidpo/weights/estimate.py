@@ -52,7 +52,11 @@ _RECORD_KEYS = ("row", "prompt", "chosen_scores", "rejected_scores", "chosen_wei
 
 
 def check_method_params(method: str, params: Mapping) -> None:
-    """Raise for an unknown ``method`` or a parameter it does not read (instead of ignoring it)."""
+    """Raise for an unknown ``method``, a parameter it does not read (instead of ignoring it) or a bad value.
+
+    The values are checked by the transform itself, on one chosen and one rejected score of each sign, so that
+    a wrong setting is reported before any model runs (and not as a fault of some data row).
+    """
     if method not in METHOD_PARAMS:
         raise ValueError(f"method must be one of {', '.join(map(repr, TRANSFORMS))}; got {method!r}")
     unknown = sorted(set(params) - set(METHOD_PARAMS[method]))
@@ -60,6 +64,16 @@ def check_method_params(method: str, params: Mapping) -> None:
         accepted = ", ".join(METHOD_PARAMS[method]) or "none"
         raise TypeError(f"method {method!r} does not use the parameter(s) {', '.join(unknown)} (it accepts: "
                         f"{accepted})")
+    probe = torch.tensor([[-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0]], dtype=torch.float64)
+    _checked_weights(tis_dpo_weights(probe, torch.ones_like(probe, dtype=torch.bool), method, **params), method)
+
+
+def _checked_weights(weights: torch.Tensor, method: str) -> torch.Tensor:
+    """``weights``, after checking that they stay finite in float32 (the precision the losses compute in)."""
+    if not torch.isfinite(weights.to(torch.float32)).all():
+        raise ValueError(f"the {method!r} transform with these parameters gives weights beyond float32's range "
+                         f"(largest {weights.abs().max().item():.3g}); the losses compute in float32")
+    return weights
 
 
 def _scored_length(row: Mapping, name: str, index) -> int:
@@ -122,7 +136,7 @@ def weights_from_scores(scored_rows: Sequence[Mapping], *, method: str = "rank_b
         if method == "random" and params.get("seed") is not None:
             row_params["seed"] = int(params["seed"]) + int(index)
         try:
-            weights = tis_dpo_weights(rhat, mask, method, **row_params)
+            weights = _checked_weights(tis_dpo_weights(rhat, mask, method, **row_params), method)
         except ValueError as error:
             raise ValueError(f"scored row {index}: {error}") from error
         new = dict(row)
@@ -347,7 +361,7 @@ def estimate_weights(positive: str, negative: str, data, out, *, transform: str 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     params = dict(transform_params or {})
-    weights_from_scores([{"chosen_scores": [0.0], "rejected_scores": [0.0]}], method=transform, **params)  # values
+    check_method_params(transform, params)
     templates = (resolve_template(positive_template, "positive_template"),
                  resolve_template(negative_template, "negative_template"))
     rows = load_preference_rows(data)

@@ -89,7 +89,7 @@ def apply_template(row: Mapping, template: str, index: int) -> dict:
     users = [i for i, m in enumerate(messages) if isinstance(m, Mapping) and m.get("role") == "user"]
     if not users or not isinstance(messages[users[-1]].get("content"), str):
         raise ValueError(
-            f"{row_label(index)}: a prompt template applies to the content of the last 'user' message, but the "
+            f"{row_label(index, row)}: a prompt template applies to the content of the last 'user' message, but the "
             "conversational prompt has no user message with string content")
     last = messages[users[-1]]
     last["content"] = template.replace(_PLACEHOLDER, last["content"])
@@ -200,6 +200,7 @@ class PairScorer:
                 "'harmless' / 'harmful')")
         self.tokenizer, self.batch_size, self.progress = tokenizer, batch_size, progress
         self.num_rows = len(rows)
+        self.row_labels = [row_label(i, row) for i, row in enumerate(rows)]
         limits = {"max_length": max_length, "max_prompt_length": max_prompt_length,
                   "truncation_mode": truncation_mode}
         # What the trainer sees (the real limits) and the whole responses (for the score lengths).
@@ -234,7 +235,7 @@ class PairScorer:
                 if ours[f"{name}_input_ids"] != trainer[f"{name}_input_ids"]:
                     how = f"the {side} template" if template else "negative_tokenizer"
                     raise ValueError(
-                        f"{row_label(i)}: the {name} response tokenises differently with {how} "
+                        f"{row_label(i, rows[i])}: the {name} response tokenises differently with {how} "
                         f"({len(ours[f'{name}_input_ids'])} tokens) than with the trainer's prompt "
                         f"({len(trainer[f'{name}_input_ids'])} tokens); its scores would not align with the "
                         "trained tokens (the chat template renders the response depending on the prompt)")
@@ -276,8 +277,8 @@ class PairScorer:
                 length = len(item["prompt_input_ids"]) + max(len(item[f"{n}_input_ids"]) for n in _SIDES)
                 if length > limit:
                     raise ValueError(
-                        f"{row_label(item['row'])}: the {side} model input has {length} tokens but the model takes "
-                        f"at most {limit} positions; lower max_length / max_prompt_length")
+                        f"{self.row_labels[item['row']]}: the {side} model input has {length} tokens but the model "
+                        f"takes at most {limit} positions; lower max_length / max_prompt_length")
         batch = self.collator(items)
         device = _device(model)
         with torch.no_grad():

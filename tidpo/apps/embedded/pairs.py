@@ -137,8 +137,8 @@ def chatterbot_pairs(*, seed: int = 0, num_heldout: int = 64, max_reply_words: i
         seen.add(key)
         pairs.append(turn)
     if len(pairs) - num_heldout < 2:
-        raise ValueError(f"num_heldout={num_heldout} leaves {len(pairs) - num_heldout} of the {len(pairs)} pairs "
-                         "for training; at least 2 are needed")
+        raise ValueError(f"num_heldout ({num_heldout}) must leave at least 2 of the corpus's {len(pairs)} pairs for "
+                         "training")
 
     rng = random.Random(seed)
     rng.shuffle(pairs)
@@ -155,6 +155,8 @@ def write_jsonl(rows: Iterable[Mapping], path: str | os.PathLike) -> Path:
     so readers never see a partial file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a folder; give the path of the JSONL file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
