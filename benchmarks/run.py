@@ -160,7 +160,7 @@ class Runner:
         self.memory = args.memory if args.memory is not None else self.device.type == "cuda"
         self.t0 = time.perf_counter()
         self.cache = cases.GroupCache()
-        self.failed_agreement: dict[tuple[str, str], str] = {}
+        self.checked: dict[tuple[str, str], str | None] = {}  # (op, provider) -> why not timed, or None
         device_info = timing.describe_device(self.device, args.bandwidth_gbs)
         now = _dt.datetime.now().astimezone()
         self.stem = args.name or f"{device_info['slug']}-{now.strftime('%Y%m%d')}"
@@ -235,24 +235,25 @@ class Runner:
 
     # ------------------------------------------------------------------------------- agreement
 
-    def check(self) -> None:
-        for op in self.ops:
-            for provider in self.providers:
-                if provider == "tidpo":
-                    continue
-                if not self.budget_left():
-                    self.results["agreement"].append({"op": op, "provider": provider, "ok": None,
-                                                      "reason": self.budget_reason()})
-                    continue
-                result = cases.check_agreement(op, provider, self.device)
-                self.results["agreement"].append(result)
-                if result["ok"] is False:
-                    self.failed_agreement[(op, provider)] = (
-                        f"not timed: agreement check failed (value err {result['value_max_err']:.3g} / tol "
-                        f"{result['value_tol']:.3g}, grad err {result['grad_max_err']:.3g} / tol "
-                        f"{result['grad_tol']:.3g})")
-                status = {True: "ok", False: "FAILED", None: "n/a"}[result["ok"]]
-                self.log(f"agreement {op:8s} {provider:8s}: {status} {result.get('reason', '')}")
+    def disagreement(self, op: str, provider: str) -> str | None:
+        """Why ``provider`` must not be timed on ``op`` (it disagrees with tidpo), or None.
+
+        The check runs once per (op, provider), when its first cell is reached rather than all up front, so
+        that a run cut short by ``--max-seconds`` has spent its time on measured cells (a torch.compile
+        check costs a cold compile).
+        """
+        if provider == "tidpo" or not self.args.check:
+            return None
+        if (op, provider) not in self.checked:
+            result = cases.check_agreement(op, provider, self.device)
+            self.results["agreement"].append(result)
+            self.checked[(op, provider)] = None if result["ok"] is not False else (
+                f"not timed: agreement check failed (value err {result['value_max_err']:.3g} / tol "
+                f"{result['value_tol']:.3g}, grad err {result['grad_max_err']:.3g} / tol "
+                f"{result['grad_tol']:.3g})")
+            status = {True: "ok", False: "FAILED", None: "n/a"}[result["ok"]]
+            self.log(f"agreement {op:8s} {provider:8s}: {status} {result.get('reason', '')}")
+        return self.checked[(op, provider)]
 
     # ----------------------------------------------------------------------------------- cells
 
@@ -281,7 +282,12 @@ class Runner:
         self.cache.clear()
 
     def run_provider(self, op: str, provider: str, tokens: int, vocab: int, dtype: str, cells: dict) -> None:
-        reason = cases.provider_unavailable(op, provider, self.device) or self.failed_agreement.get((op, provider))
+        if not self.budget_left():
+            for cell in cells.values():
+                skip(cell, self.budget_reason())
+            return
+        # The agreement check comes first so that it records unavailable providers too (ok: None, with why).
+        reason = self.disagreement(op, provider) or cases.provider_unavailable(op, provider, self.device)
         if reason:
             for cell in cells.values():
                 skip(cell, reason)
@@ -393,22 +399,36 @@ class Runner:
         dev = self.results["device"]
         self.results["settings"]["threads"] = torch.get_num_threads()
         self.log(f"set {self.bench_set.name} on {dev['name']} ({self.device}); bandwidth: {dev['bandwidth_source']}")
-        if self.args.check:
-            self.check()
-        else:
+        if not self.args.check:
             self.results["agreement"] = [{"ok": None, "reason": "skipped (--no-check)"}]
         self.save()
-        for op in self.ops:
-            for tokens, vocab in self.shapes or shapes_for(self.bench_set, op):
-                for dtype in self.dtypes:
-                    self.run_group(op, tokens, vocab, dtype)
-                    self.save()
+        for op, tokens, vocab in group_order(self.ops, lambda op: self.shapes or shapes_for(self.bench_set, op)):
+            for dtype in self.dtypes:
+                self.run_group(op, tokens, vocab, dtype)
+                self.save()
         if self.memory and self.device.type == "cpu":
             self.measure_cpu_memory()
         add_speedups(self.results)
         self.results["complete"] = True
         self.save()
         return self.results
+
+
+def group_order(ops, shapes_of) -> list[tuple[str, int, int]]:
+    """The ``(op, N, V)`` groups in the order they are measured: the losses first, and every op's first shape
+    before any op's second, so that a run cut short by its time budget has measured each op at least once."""
+    ordered = [op for op in ops if op in LOSSES] + [op for op in ops if op not in LOSSES]
+    shapes = {op: list(shapes_of(op)) for op in ordered}
+    order = []
+    for k in range(max((len(s) for s in shapes.values()), default=0)):
+        order += [(op, *shapes[op][k]) for op in ordered if k < len(shapes[op])]
+    return order
+
+
+def off_kernel(cell: dict, device_type: str) -> bool:
+    """A tidpo cell on a GPU that ran (partly) on the chunked torch path instead of the Triton kernels."""
+    return (device_type == "cuda" and cell["provider"] == "tidpo" and cell["status"] == "ok"
+            and "torch" in str(cell.get("backend")))
 
 
 def add_speedups(results: dict) -> None:
@@ -436,10 +456,11 @@ def markdown_table(results: dict) -> str:
     groups: dict[tuple, dict[str, dict]] = {}
     for c in results["cells"]:
         groups.setdefault((c["op"], c["mode"], c["dtype"], c["N"], c["V"]), {})[c["provider"]] = c
-    dev = results["device"]
-    lines = [f"Device: {dev['name']}; torch {results['versions']['torch']}, set `{results['set']}`, "
-             f"{results['date'][:10]}. Times: median ms (lower is better); speed-up = provider time / tidpo time.",
-             ""]
+    dev, versions = results["device"], results["versions"]
+    software = ", ".join(f"{name} {versions[key]}" for name, key in (
+        ("driver", "driver"), ("torch", "torch"), ("CUDA", "cuda"), ("triton", "triton")) if versions.get(key))
+    lines = [f"Device: {dev['name']}; {software}; set `{results['set']}`, {results['date'][:10]}. Times: median "
+             "ms (lower is better); speed-up = provider time / tidpo time.", ""]
     pct = "% peak" if dev.get("bandwidth_gbs") else None
     header = ["op", "mode", "dtype", "N", "V", *[f"{p} ms" for p in providers], "tidpo GB/s"]
     if pct:
@@ -461,6 +482,7 @@ def markdown_table(results: dict) -> str:
                 cells.append("")
             elif c["status"] == "ok":
                 mark = "*" if not c.get("like_for_like", True) else ""
+                mark += "†" if off_kernel(c, dev.get("type", "cpu")) else ""
                 cells.append(_fmt_ms(c["median_ms"]) + mark)
             else:
                 cells.append(note_ref(c["reason"]))
@@ -488,6 +510,9 @@ def markdown_table(results: dict) -> str:
             lines.append("| " + " | ".join([op, mode, dtype, str(n), str(v), *vals]) + " |")
     if any(not c.get("like_for_like", True) for c in results["cells"] if c["status"] == "ok"):
         lines += ["", "\\* not like-for-like: " + cases.LIGER_DPO_NOTE + "."]
+    if any(off_kernel(c, dev.get("type", "cpu")) for c in results["cells"]):
+        lines += ["", "† tidpo ran (partly) on its chunked torch path here, not on the Triton kernels: see the "
+                      "cell's `backend` in the JSON."]
     if notes:
         lines.append("")
         lines += [f"[^{i}]: {text}" for text, i in notes.items()]

@@ -21,7 +21,8 @@ OPS = ("logps", "kl")
 LOSSES = ("dpo", "tdpo2", "tis_dpo", "ti_dpo")
 ALL_OPS = OPS + LOSSES
 MODES = ("fwd", "bwd", "full")
-PROVIDERS = ("tidpo", "eager", "compile", "liger")
+#: In the order each (op, shape) group measures them: torch.compile last, since its cold compile is the slowest.
+PROVIDERS = ("tidpo", "eager", "liger", "compile")
 
 PAIRS = 4  # B: the losses see 2B = 8 rows of T = N / 8 positions
 HIDDEN = 4096  # H of the hidden states given to Liger's fused-linear DPO (lm_head weight [V, H])

@@ -222,16 +222,35 @@ def describe_device(device, bandwidth_gbs: float | None = None, measure_copy: bo
     return info
 
 
+def _version_of(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except Exception:  # noqa: BLE001 - optional here
+        return None
+
+
+def gpu_driver_version() -> str | None:
+    """The NVIDIA driver version (``nvidia-smi``), or None without one."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out[0] if out else None
+
+
 def versions() -> dict:
     import sys
 
-    out = {"python": sys.version.split()[0], "torch": torch.__version__}
-    for name, module in (("triton", "triton"), ("transformers", "transformers"), ("tidpo", "tidpo"),
-                         ("matplotlib", "matplotlib")):
-        try:
-            out[name] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 - optional here
-            out[name] = None
+    out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
+           "driver": gpu_driver_version(), "numpy": _version_of("numpy")}
+    for module in ("triton", "transformers", "tidpo", "matplotlib"):
+        out[module] = _version_of(module)
     from benchmarks.cases import liger_version
 
     out["liger_kernel"] = liger_version()

@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+try:  # hypothesis is a dev dependency; where it is missing (the GPU machine) property tests are not defined
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover
+    given = settings = st = None
+
 IGNORE = -100
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import IGNORE, make_labels, make_logits
+from tests.conftest import IGNORE, given, make_labels, make_logits, settings, st  # noqa: F401 - re-exported
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +51,6 @@ HAS_CUDA = torch.cuda.is_available()
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 
-try:
-    from hypothesis import given, settings
-    from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is a dev dependency
-    given = settings = st = None
 
 # Shapes on purpose (the same for every kernel): (shape, block_v), the test-only tile width override.
 INTERP_SHAPES = [

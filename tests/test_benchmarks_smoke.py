@@ -231,3 +231,24 @@ def test_pytest_benchmark_collection():
     # every (op, mode, provider) of the CPU set appears
     seen = {tuple(i.split("[", 1)[1].split("-")[1:4]) for i in ids}
     assert seen == set(itertools.product(ALL_OPS, MODES, PROVIDERS))
+
+
+def test_groups_run_losses_first_and_every_op_once_before_any_op_twice():
+    shapes = {"logps": [(1, 10), (2, 20)], "kl": [(3, 30)], "dpo": [(8, 40), (16, 50)], "tdpo2": [(8, 60)]}
+    order = run.group_order(("logps", "kl", "dpo", "tdpo2"), shapes.__getitem__)
+    assert order == [("dpo", 8, 40), ("tdpo2", 8, 60), ("logps", 1, 10), ("kl", 3, 30), ("dpo", 16, 50),
+                     ("logps", 2, 20)]
+    assert run.group_order((), shapes.__getitem__) == []
+
+
+def test_a_tidpo_cell_off_the_kernels_on_a_gpu_is_marked(smoke):
+    _, results = smoke
+    gpu = json.loads(json.dumps(results))
+    gpu["device"]["type"] = "cuda"
+    table = run.markdown_table(gpu)
+    assert "†" not in run.markdown_table(results)  # on CPU the torch path is the intended one
+    tidpo_cells = [c for c in gpu["cells"] if c["provider"] == "tidpo" and c["status"] == "ok"]
+    assert tidpo_cells and all(c["backend"] == "torch" or "torch" in c["backend"] for c in tidpo_cells)
+    assert table.count("†") == len(tidpo_cells) + 1  # every cell, and the footnote
+    tidpo_cells[0]["backend"] = "triton"
+    assert run.markdown_table(gpu).count("†") == len(tidpo_cells)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 
 import pytest
 import torch
@@ -139,8 +140,24 @@ def test_backend_selection(monkeypatch):
     if not importlib.import_module("tidpo.kernels.kl").INTERPRETED:
         with pytest.raises(ValueError, match="p_logits is on cpu; the Triton kernels need CUDA tensors"):
             tidpo.token_kl(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]))
-    # An op without kernels (simulated): an explicit request raises (never a silent fallback), auto takes torch.
+    # Kernels without Triton (simulated): an explicit request raises (never a silent fallback), auto takes torch.
     monkeypatch.setattr(backend_module, "triton_kernels_available", lambda op="logps": op != "kl")
-    with pytest.raises(RuntimeError, match=r"no fused Triton kernels for this op \(kl\)"):
+    with pytest.raises(RuntimeError, match=r"backend='triton' was requested but Triton is not installed"):
         tidpo.token_kl(torch.randn(2, 3), torch.randn(2, 3), torch.tensor([0, 1]))
     assert resolve_backend("auto", x, op="kl") == "torch"
+
+
+def test_kernels_that_do_not_import_beside_triton_are_an_error(monkeypatch):
+    """A present Triton with unimportable kernels is a broken install: an error, never 'not available'."""
+    from tidpo.ops.backend import triton_kernels_available
+
+    monkeypatch.setitem(sys.modules, "tidpo.kernels.kl", None)  # any import of it now raises ImportError
+    triton_kernels_available.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"Triton is installed but the fused kernels \(tidpo.kernels.kl\) do "
+                                              r"not import"):
+            triton_kernels_available("kl")
+        with pytest.raises(ImportError, match="do not import"):
+            resolve_backend("triton", torch.zeros(2, 3), op="kl")
+    finally:
+        triton_kernels_available.cache_clear()

@@ -10,9 +10,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
+from tests.conftest import given, settings, st
 from tidpo.weights.ti import gaussian_prior, mix_importance, normalize_importance
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,33 +302,35 @@ def test_normalize_importance_validation():
 # ----------------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=50, deadline=None)
-@given(
-    rows=st.integers(1, 5),
-    cols=st.integers(1, 16),
-    seed=st.integers(0, 2**31 - 1),
-    lam=st.floats(0.0, 1.0),
-    sigma_div=st.floats(0.25, 16.0),
-    zero_frac=st.floats(0.0, 1.0),
-)
-def test_property_mean_one_and_masked_zero(rows, cols, seed, lam, sigma_div, zero_frac):
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.rand(rows, cols, generator=g, dtype=torch.float64) * 2 - 0.3
-    scores = scores.masked_fill(torch.rand(rows, cols, generator=g) < zero_frac, 0.0)
-    mask = torch.rand(rows, cols, generator=g) < 0.6
-    w = mix_importance(scores.masked_fill(~mask, float("nan")), mask, lam, sigma_div)
-    assert torch.isfinite(w).all()
-    assert (w[~mask] == 0).all()
-    assert (w >= 0).all()
-    n = mask.sum(1)
-    for r in range(rows):
-        if n[r] > 0:
-            assert float(w[r].sum() / n[r]) == pytest.approx(1.0, abs=1e-12)
-        else:
-            assert (w[r] == 0).all()
-    p = gaussian_prior(mask, sigma_div, dtype=torch.float64)
-    assert (p[~mask] == 0).all()
-    assert p.sum(1)[n > 0].sub(1).abs().max().item() < 1e-12 if (n > 0).any() else True
+if given is not None:  # hypothesis is installed (a dev dependency)
+
+    @settings(max_examples=50, deadline=None)
+    @given(
+        rows=st.integers(1, 5),
+        cols=st.integers(1, 16),
+        seed=st.integers(0, 2**31 - 1),
+        lam=st.floats(0.0, 1.0),
+        sigma_div=st.floats(0.25, 16.0),
+        zero_frac=st.floats(0.0, 1.0),
+    )
+    def test_property_mean_one_and_masked_zero(rows, cols, seed, lam, sigma_div, zero_frac):
+        g = torch.Generator().manual_seed(seed)
+        scores = torch.rand(rows, cols, generator=g, dtype=torch.float64) * 2 - 0.3
+        scores = scores.masked_fill(torch.rand(rows, cols, generator=g) < zero_frac, 0.0)
+        mask = torch.rand(rows, cols, generator=g) < 0.6
+        w = mix_importance(scores.masked_fill(~mask, float("nan")), mask, lam, sigma_div)
+        assert torch.isfinite(w).all()
+        assert (w[~mask] == 0).all()
+        assert (w >= 0).all()
+        n = mask.sum(1)
+        for r in range(rows):
+            if n[r] > 0:
+                assert float(w[r].sum() / n[r]) == pytest.approx(1.0, abs=1e-12)
+            else:
+                assert (w[r] == 0).all()
+        p = gaussian_prior(mask, sigma_div, dtype=torch.float64)
+        assert (p[~mask] == 0).all()
+        assert p.sum(1)[n > 0].sub(1).abs().max().item() < 1e-12 if (n > 0).any() else True
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,9 +10,8 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
+from tests.conftest import given, settings, st
 from tidpo.weights.tis import TRANSFORMS, exp_clamp_weights, tis_dpo_weights, transform_scores
 
 DETERMINISTIC = ("origin", "binary", "threshold", "threshold_and_scale", "rank_based")
@@ -453,26 +452,28 @@ def test_tis_dpo_weights_validation(args, kwargs, exc, match):
 # ----------------------------------------------------------------------------------------------------
 
 
-@settings(max_examples=50, deadline=None)
-@given(
-    rows=st.integers(1, 5),
-    cols=st.integers(1, 12),
-    seed=st.integers(0, 2**31 - 1),
-    method=st.sampled_from(DETERMINISTIC),
-)
-def test_property_masked_zero_and_rank_permutation(rows, cols, seed, method):
-    g = torch.Generator().manual_seed(seed)
-    scores = torch.round(torch.randn(rows, cols, generator=g) * 4) / 4
-    mask = torch.rand(rows, cols, generator=g) < 0.6
-    w = transform_scores(scores.masked_fill(~mask, float("nan")), mask, method)
-    assert torch.isfinite(w).all()
-    assert (w[~mask] == 0).all()
-    if method == "rank_based":
-        for r in range(rows):
-            n = int(mask[r].sum())
-            got = sorted(w[r][mask[r]].tolist())
-            want = [1.0] if n == 1 else [0.7 + i / (n - 1) * 0.6 for i in range(n)]
-            assert got == pytest.approx(want, abs=1e-6)
+if given is not None:  # hypothesis is installed (a dev dependency)
+
+    @settings(max_examples=50, deadline=None)
+    @given(
+        rows=st.integers(1, 5),
+        cols=st.integers(1, 12),
+        seed=st.integers(0, 2**31 - 1),
+        method=st.sampled_from(DETERMINISTIC),
+    )
+    def test_property_masked_zero_and_rank_permutation(rows, cols, seed, method):
+        g = torch.Generator().manual_seed(seed)
+        scores = torch.round(torch.randn(rows, cols, generator=g) * 4) / 4
+        mask = torch.rand(rows, cols, generator=g) < 0.6
+        w = transform_scores(scores.masked_fill(~mask, float("nan")), mask, method)
+        assert torch.isfinite(w).all()
+        assert (w[~mask] == 0).all()
+        if method == "rank_based":
+            for r in range(rows):
+                n = int(mask[r].sum())
+                got = sorted(w[r][mask[r]].tolist())
+                want = [1.0] if n == 1 else [0.7 + i / (n - 1) * 0.6 for i in range(n)]
+                assert got == pytest.approx(want, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from types import ModuleType
 
@@ -36,13 +37,25 @@ def implementation(backend: str) -> ModuleType:
 
 @functools.cache
 def triton_kernels_available(op: str = "logps") -> bool:
-    """True when the fused kernels for ``op`` (``"logps"`` or ``"kl"``) are importable."""
+    """True when the fused kernels for ``op`` (``"logps"`` or ``"kl"``) can be used: Triton is installed and the
+    kernel module imports.
+
+    Only a missing ``triton`` package makes the kernels unavailable. With Triton present, a kernel module that
+    fails to import is a broken install and raises, so that ``"auto"`` never quietly runs the torch path on a GPU.
+
+    Raises:
+        ImportError: Triton is installed but ``tidpo.kernels.<module>`` does not import (the message says why).
+    """
     if op not in KERNEL_MODULES:
         raise ValueError(f"op must be one of {', '.join(KERNEL_MODULES)}; got {op!r}")
-    try:
-        importlib.import_module(f"tidpo.kernels.{KERNEL_MODULES[op]}")
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         return False
+    module = f"tidpo.kernels.{KERNEL_MODULES[op]}"
+    try:
+        importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"Triton is installed but the fused kernels ({module}) do not import: {error}. "
+                          "Reinstall tidpo (pip install -e .), or put the repository on PYTHONPATH") from error
     return True
 
 
@@ -74,8 +87,8 @@ def resolve_backend(backend: str | None, logits: torch.Tensor, op: str = "logps"
     if backend == "triton":
         if not triton_kernels_available(op):
             raise RuntimeError(
-                f"backend='triton' was requested but this tidpo build has no fused Triton kernels for "
-                f"this op ({op}) yet; use backend='torch' (the chunked PyTorch path) or 'auto'"
+                "backend='triton' was requested but Triton is not installed; install it (pip install triton) "
+                "or use backend='torch' (the chunked PyTorch path) or 'auto'"
             )
         if logits.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
             raise RuntimeError(
