@@ -42,11 +42,12 @@ from tidpo.losses import (  # noqa: E402
     ti_dpo_loss,
     tis_dpo_loss,
 )
-from tidpo.ops import token_kl, token_logps  # noqa: E402
+from tidpo.ops import FusedLogits, LMHead, token_kl, token_logps  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DPOLoss", "PreferenceLossOutput", "SequencePacking", "TDPOLoss", "TIDPOLoss", "TISDPOLoss", "TripletAnchor",
+    "DPOLoss", "FusedLogits", "LMHead", "PreferenceLossOutput", "SequencePacking", "TDPOLoss", "TIDPOLoss",
+    "TISDPOLoss", "TripletAnchor",
     "dpo_loss", "preference_inputs", "tdpo_loss", "ti_dpo_loss", "tis_dpo_loss", "token_kl", "token_logps",
 ]

@@ -37,7 +37,19 @@ def check_tensor(x, name: str) -> torch.Tensor:
     return x
 
 
+def is_fused_logits(x) -> bool:
+    """Whether ``x`` is :class:`tidpo.FusedLogits` (an LM head and hidden states standing in for logits)."""
+    from tidpo.ops.lm_head import FusedLogits
+
+    return isinstance(x, FusedLogits)
+
+
 def check_logits(x, name: str) -> torch.Tensor:
+    if is_fused_logits(x):  # its constructor checked the hidden states and the head
+        if x.dim() not in (2, 3):
+            raise ValueError(f"{name} must have shape [N, V] or [R, T, V] (hidden [N, H] or [R, T, H]), got "
+                             f"{tuple(x.shape)}")
+        return x
     check_tensor(x, name)
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor of logits, got dtype {x.dtype}")

@@ -72,7 +72,8 @@ class PairBatch:
 
 def _packed_view(x: torch.Tensor, num_tokens: int, name: str, vocab: bool = False) -> torch.Tensor:
     """A packed input as ``[N]`` (``[N, V]`` for logits): ``[N]`` / ``[N, V]`` as given, ``[1, N(, V)]`` viewed."""
-    v.check_tensor(x, name)
+    if not (vocab and v.is_fused_logits(x)):
+        v.check_tensor(x, name)
     shape = (num_tokens, x.shape[-1]) if vocab else (num_tokens,)
     if tuple(x.shape) == shape or tuple(x.shape) == (1, *shape):
         return x.reshape(shape)  # drops the leading 1: a view

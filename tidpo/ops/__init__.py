@@ -12,12 +12,21 @@ import os
 
 import torch
 
-from tidpo._validation import IGNORE_INDEX, check_finite_positions, check_labels, check_logits, check_same_logits_shape
+from tidpo._validation import (
+    IGNORE_INDEX,
+    check_finite_positions,
+    check_labels,
+    check_logits,
+    check_same_logits_shape,
+    is_fused_logits,
+)
 from tidpo.ops.autograd import TokenKL, TokenLogps
-from tidpo.ops.backend import BACKENDS, implementation, resolve_backend
+from tidpo.ops.backend import BACKENDS, check_fused_backend, implementation, resolve_backend
 from tidpo.ops.chunked import resolve_chunk_size
+from tidpo.ops.fused_head import fused_token_kl, fused_token_logps
+from tidpo.ops.lm_head import FusedLogits, LMHead
 
-__all__ = ["BACKENDS", "token_kl", "token_logps", "token_logps_and_lse"]
+__all__ = ["BACKENDS", "FusedLogits", "LMHead", "token_kl", "token_logps", "token_logps_and_lse"]
 
 
 def token_logps_and_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, *,
@@ -31,8 +40,13 @@ def token_logps_and_lse(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     """
     check_logits(logits, "logits")
     check_labels(labels, logits, ignore_index)
-    impl = implementation(resolve_backend(backend, logits, op="logps"))
-    logps, lse = TokenLogps.apply(logits, labels, ignore_index, impl, resolve_chunk_size(chunk_size, logits.shape[-1]))
+    if is_fused_logits(logits):
+        check_fused_backend(backend)
+        logps, lse = fused_token_logps(logits, labels, ignore_index, chunk_size)
+    else:
+        impl = implementation(resolve_backend(backend, logits, op="logps"))
+        logps, lse = TokenLogps.apply(logits, labels, ignore_index, impl,
+                                      resolve_chunk_size(chunk_size, logits.shape[-1]))
     check_finite_positions(lse, labels != ignore_index, "logits", "are not finite")
     return logps, lse
 
@@ -50,7 +64,9 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 
     checks (always on CPU, on an accelerator with ``TIDPO_CHECK_VALUES=1``) refuse them, naming the position.
 
     Args:
-        logits: ``[N, V]`` or ``[R, T, V]``, float16/bfloat16/float32/float64, any strides.
+        logits: ``[N, V]`` or ``[R, T, V]``, float16/bfloat16/float32/float64, any strides; or
+            :class:`FusedLogits` (``LMHead(...)(hidden)``): the same values computed from the hidden states tile by
+            tile, never held whole (:mod:`tidpo.ops.fused_head`).
         labels: int64 or int32 ``[N]`` or ``[R, T]``; ``ignore_index`` marks prompt/padding positions.
         ignore_index: label value of positions to skip.
         backend: ``"auto"`` | ``"torch"`` | ``"triton"``; default from ``TIDPO_BACKEND`` (else auto).
@@ -101,7 +117,8 @@ def token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tenso
     TIS-DPO's ``token_level`` branch uses ``KL(policy || ref)``: ``token_kl(policy_logits, ref_logits, ...)``.
 
     Args:
-        p_logits, q_logits: ``[N, V]`` or ``[R, T, V]`` of equal shape, any float dtypes (they may differ, e.g.
+        p_logits, q_logits: ``[N, V]`` or ``[R, T, V]`` of equal shape (or both :class:`FusedLogits`, e.g. the
+            reference's and the policy's heads on their hidden states), any float dtypes (they may differ, e.g.
             fp32 policy logits beside a bf16 reference: each is read in its own dtype) and strides (the Triton
             kernels need unit stride along V; ``"auto"`` uses the chunked torch path for a float64 input or one
             without it).
@@ -119,9 +136,16 @@ def token_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, labels: torch.Tenso
     check_logits(q_logits, "q_logits")
     check_same_logits_shape(q_logits, p_logits, "q_logits", "p_logits")
     check_labels(labels, p_logits, ignore_index, logits_name="p_logits")
-    impl = implementation(_kl_backend(backend, p_logits, q_logits))
-    kl, lse_p, lse_q = TokenKL.apply(p_logits, q_logits, labels, ignore_index, impl,
-                                     resolve_chunk_size(chunk_size, p_logits.shape[-1]))
+    if is_fused_logits(p_logits) != is_fused_logits(q_logits):
+        raise TypeError("p_logits and q_logits must both be logits tensors or both FusedLogits (an LM head and its "
+                        "hidden states), not one of each")
+    if is_fused_logits(p_logits):
+        check_fused_backend(backend)
+        kl, lse_p, lse_q = fused_token_kl(p_logits, q_logits, labels, ignore_index, chunk_size)
+    else:
+        impl = implementation(_kl_backend(backend, p_logits, q_logits))
+        kl, lse_p, lse_q = TokenKL.apply(p_logits, q_logits, labels, ignore_index, impl,
+                                         resolve_chunk_size(chunk_size, p_logits.shape[-1]))
     valid = labels != ignore_index
     check_finite_positions(lse_p, valid, "p_logits", "are not finite")
     check_finite_positions(lse_q, valid, "q_logits", "are not finite")

@@ -96,3 +96,14 @@ def resolve_backend(backend: str | None, logits: torch.Tensor, op: str = "logps"
                 "to run the kernels in the Triton interpreter"
             )
     return backend
+
+
+def check_fused_backend(backend: str | None) -> None:
+    """The fused LM head runs its tile matmuls with torch (cuBLAS / oneDNN) on every device: ``"auto"`` and
+    ``"torch"`` select it; an explicit ``"triton"`` is refused rather than quietly served by torch."""
+    requested = backend if backend is not None else os.environ.get("TIDPO_BACKEND", "auto")
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {requested!r}")
+    if requested == "triton":
+        raise RuntimeError("backend='triton' was requested for FusedLogits (an LM head), whose tiles are torch "
+                           "matmuls on every device; use backend 'auto' or 'torch'")

@@ -20,6 +20,7 @@ from tidpo._validation import (
     check_labels,
     check_logits,
     check_per_token,
+    is_fused_logits,
 )
 from tidpo.ops.backend import implementation, resolve_backend
 from tidpo.ops.chunked import resolve_chunk_size
@@ -125,6 +126,13 @@ def weighted_sequence_logps(logits: torch.Tensor, labels: torch.Tensor, weights:
         if segments.numel() != labels.numel():
             raise ValueError(f"segments has {segments.numel()} entries for {labels.numel()} labels")
         segments = segments.reshape(-1).long()
+    if is_fused_logits(logits):
+        # The fused head already folds the per-token gradient into its rows: the weighted sums compose on top.
+        from tidpo.ops import token_logps_and_lse
+
+        logps, lse = token_logps_and_lse(logits, labels, ignore_index, backend=backend, chunk_size=chunk_size)
+        w = torch.ones_like(logps) if weights is None else weights.detach().to(logps.dtype)
+        return logps, sequence_sums(w * logps, labels != ignore_index, segments, num_sequences)
     impl = implementation(resolve_backend(backend, logits, op="logps"))
     logps, lse, sums = WeightedSequenceLogps.apply(logits, labels, weights, segments, num_sequences, ignore_index,
                                                    impl, resolve_chunk_size(chunk_size, logits.shape[-1]))
