@@ -36,6 +36,9 @@ setup(
         "data": _DATA,
         # Benchmarks: plots (Liger-Kernel is an optional provider, installed by hand on CUDA machines).
         "bench": ["matplotlib>=3.7", "pytest-benchmark>=4"],
+        # The peers the fused-head benchmarks compare against (each recorded as skipped when absent); neither
+        # replaces torch.
+        "peers": ["trl==1.16.0", "liger-kernel>=0.8"],
         # setuptools + wheel: tests/test_packaging.py builds the wheel without network build isolation.
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "hypothesis>=6", "setuptools>=70.1", "wheel",
                 *_DEMO, *_DATA],

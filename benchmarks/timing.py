@@ -249,7 +249,7 @@ def versions() -> dict:
 
     out = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
            "driver": gpu_driver_version(), "numpy": _version_of("numpy")}
-    for module in ("triton", "transformers", "tidpo", "matplotlib"):
+    for module in ("triton", "transformers", "peft", "trl", "tidpo", "matplotlib"):
         out[module] = _version_of(module)
     from benchmarks.cases import liger_version
 

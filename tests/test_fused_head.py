@@ -37,7 +37,7 @@ def _leaves(h, head):
 
 def _grads(value, leaves, seed=1):
     g = torch.randn(value.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return torch.autograd.grad((value * g.to(value.dtype)).sum(), leaves)
+    return torch.autograd.grad((value * g.to(value.device, value.dtype)).sum(), leaves)
 
 
 def _float64(h, head):
@@ -291,3 +291,42 @@ def test_a_lora_adapter_on_the_head_is_refused():
     with pytest.raises(ValueError, match=r"peft\S*Linear, not a plain nn.Linear .*fused_lm_head=False"):
         LMHead.from_model(model)
     assert LMHead.from_model(get_peft_model(_tiny("llama"), LoraConfig(r=2, target_modules=["q_proj"]))).scale == 1.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GPU: the same checks at a realistic vocabulary (skipped without CUDA)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("trained", [False, True], ids=["frozen", "trained"])
+def test_gpu_logps_and_kl_against_float64(dtype, trained):
+    h, head, labels = make_case(rows=4, length=128, hidden=256, vocab=32003, dtype=dtype, trained=trained,
+                                head_kw={"softcap": 30.0})
+    h = h.detach().cuda().requires_grad_()
+    head = LMHead(head.weight.detach().cuda().requires_grad_(trained),
+                  head.bias.detach().cuda().requires_grad_(trained), softcap=head.softcap)
+    labels = labels.cuda()
+    h64, head64 = _float64(h, head)
+    h_ref = torch.randn(h.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(7)).to(dtype)
+    cases = {  # fused, float64 truth, the materialised head in the input dtype
+        "logps": (lambda hh, hd: tidpo.token_logps(hd(hh), labels),
+                  lambda hh, hd: R.token_logps(hd.logits(hh), labels),
+                  lambda hh, hd: tidpo.token_logps(hd.logits(hh), labels)),
+        "kl": (lambda hh, hd: tidpo.token_kl(hd.detach()(h_ref), hd(hh), labels),
+               lambda hh, hd: R.token_kl(hd.detach().logits(h_ref.double()), hd.logits(hh), labels),
+               lambda hh, hd: tidpo.token_kl(hd.detach().logits(h_ref), hd.logits(hh), labels)),
+    }
+    for name, (fused, truth_fn, materialised_fn) in cases.items():
+        ours, truth = fused(h, head), truth_fn(h64, head64)
+        g_ours, g_truth = _grads(ours, _leaves(h, head)), _grads(truth, _leaves(h64, head64))
+        if dtype == torch.float32:
+            assert_rel_close(ours, truth, 1e-5, name)
+            for a, b in zip(g_ours, g_truth, strict=True):
+                assert_rel_close(a, b, 1e-5, f"d {name}")
+            continue
+        materialised = materialised_fn(h, head)
+        assert_within_torch_error(ours, truth, materialised, what=name)
+        for a, b, c in zip(g_ours, g_truth, _grads(materialised, _leaves(h, head)), strict=True):
+            assert_within_torch_error(a, b, c, what=f"d {name}")

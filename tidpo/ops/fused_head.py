@@ -6,7 +6,7 @@ The logits ``z = head(h)`` exist one bounded tile at a time (``rows x vocab_chun
 inputs). The matmuls run in the dtype the materialised head would use (the autocast dtype under autocast,
 else that of ``hidden`` and ``weight``), with fp32 accumulation inside the GEMM.
 
-Gradients (docs/methods.md §0). Every quantity here is a function of per-token scalars of the logits, so the
+Gradients (docs/methods.md §0.1). Every quantity here is a function of per-token scalars of the logits, so the
 gradient w.r.t. a hidden state is a vocabulary-weighted sum of head rows, which the forward accumulates in the
 same pass (one extra matmul per tile) when the head is frozen (LoRA, a reference):
 

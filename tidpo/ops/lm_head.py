@@ -6,7 +6,7 @@ transform its model applies after it; :meth:`LMHead.from_model` reads both from 
 ``tidpo.dpo_loss(head(hidden), labels, ...)`` computes what ``tidpo.dpo_loss(model_logits, labels, ...)`` does,
 with no ``[N, V]`` tensor in memory (see :mod:`tidpo.ops.fused_head`).
 
-The transform, in the order models apply it (docs/methods.md §0):
+The transform, in the order models apply it (docs/methods.md §0.1):
 
 - ``scale``: ``z = scale * (h W^T + b)``. Cohere / Command-R multiply by ``config.logit_scale``, Falcon-H1 by
   ``config.lm_head_multiplier``, Granite and MiniCPM3 divide by ``config.logits_scaling``, MiniCPM divides the
@@ -183,6 +183,13 @@ class FusedLogits:
 
     def detach(self) -> FusedLogits:
         return FusedLogits(self.hidden.detach(), self.head.detach())
+
+    def __getitem__(self, index) -> FusedLogits:
+        """Indexing of the leading dimensions (rows, positions), e.g. ``logits[:B]``; never of the vocabulary."""
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(part is Ellipsis or part is None for part in parts) or len(parts) >= self.hidden.dim():
+            raise IndexError(f"FusedLogits can only be indexed in its leading dimensions (vocab last), got {index!r}")
+        return FusedLogits(self.hidden[index], self.head)
 
     def materialize(self) -> torch.Tensor:
         """The logits as a tensor (for checks and small cases)."""

@@ -82,6 +82,8 @@ class TokenWeightedDPOConfig(TrainingArguments):
     ``disable_dropout``         True       switch off the dropout of the policy and the reference (as TRL
                                            and the released TIS-DPO / TI-DPO code do); adapter dropout
                                            (``lora_dropout``) is kept
+    ``fused_lm_head``           True       losses from the last hidden state through the fused LM head
+                                           (:class:`tidpo.LMHead`): no ``[2B, T, V]`` logits in memory
     ==========================  =========  ================================================================
 
     Raises:
@@ -151,6 +153,10 @@ class TokenWeightedDPOConfig(TrainingArguments):
         "the attention dropout models apply from their config, as TRL and the released TIS-DPO / TI-DPO code "
         "do), kept with --no-disable-dropout; LoRA's own lora_dropout is kept either way (set it to 0 for a "
         "dropout-free policy); saved configs keep their dropout values"))
+    fused_lm_head: bool = field(default=True, metadata=_help(
+        "run the backbone to its last hidden state and every loss through tidpo's fused LM head (the logits "
+        "[2B, T, V] of the policy and the reference are never in memory); --no-fused-lm-head computes the "
+        "model's logits as usual"))
     remove_unused_columns: bool = field(default=False, metadata=_help(
         "kept False: the preference collator reads every tokenised column"))
 
@@ -216,8 +222,9 @@ class TokenWeightedDPOConfig(TrainingArguments):
             raise ValueError(f"precompute_ref_logps cannot serve loss={self.loss!r}"
                              f"{' with token_level' if self.token_level else ''}: it needs the reference "
                              "model's full distribution at every step")
-        if not isinstance(self.disable_dropout, bool):
-            raise ValueError(f"disable_dropout must be a bool, got {self.disable_dropout!r}")
+        for name in ("disable_dropout", "fused_lm_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns must be False: the preference collator needs every column")
         for name in ("chosen_weights_column", "rejected_weights_column"):

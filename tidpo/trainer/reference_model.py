@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from tidpo.ops import token_logps
+from tidpo.trainer.batch import next_token
 
 
 def placement_of(model: nn.Module) -> str | None:
@@ -68,8 +69,8 @@ def precompute_reference_logps(trainer, dataset, *, batch_size: int, desc: str =
     for batch in tqdm(loader, desc=desc, disable=not show):
         input_ids = batch["input_ids"].to(trainer.args.device)
         attention_mask = batch["attention_mask"].to(trainer.args.device)
-        labels = batch["labels"].to(trainer.args.device)[:, 1:]
-        logits = trainer.reference_logits(input_ids, attention_mask)[:, :-1]
+        labels = next_token(batch["labels"].to(trainer.args.device), ignore_index)
+        logits = trainer.reference_logits(input_ids, attention_mask)
         with torch.no_grad():
             logps = token_logps(logits, labels, ignore_index, backend=trainer.args.loss_backend).float().cpu()
         valid = (labels != ignore_index).cpu()

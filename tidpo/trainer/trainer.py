@@ -21,8 +21,9 @@ from tidpo.data.collator import ALIGNED_BATCH_COLUMNS
 from tidpo.losses import PreferenceLossOutput
 from tidpo.losses.output import per_pair
 from tidpo.trainer.anchors import end_of_turn_ids
-from tidpo.trainer.batch import TrainingBatch
+from tidpo.trainer.batch import TrainingBatch, model_logits
 from tidpo.trainer.config import TokenWeightedDPOConfig
+from tidpo.trainer.fused_head import add_fused_lm_head, head_of, transformers_model
 from tidpo.trainer.loss_registry import REFERENCE_LOGITS, REFERENCE_NONE, WEIGHTS_DATA
 from tidpo.trainer.reference_model import frozen_copy, placement_of, precompute_reference_logps
 
@@ -128,6 +129,10 @@ class TokenWeightedDPOTrainer(Trainer):
             ref_model = frozen_copy(model)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
+        if args.fused_lm_head:
+            for each in (model, ref_model):
+                if each is not None:
+                    add_fused_lm_head(each)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self.loss_spec = spec
@@ -149,6 +154,10 @@ class TokenWeightedDPOTrainer(Trainer):
         if ref_model is not None:
             # A quantised or device_map-dispatched reference stays where it was loaded.
             self.ref_model = ref_model if placement_of(ref_model) else ref_model.to(self.args.device)
+        if args.fused_lm_head and self.is_fsdp_enabled and head_of(transformers_model(model)).weight.requires_grad:
+            raise ValueError("fused_lm_head with FSDP and a trained LM head is not supported (the backward would "
+                             "read the head after FSDP has sharded it again): train an adapter, freeze the head, "
+                             "or turn the fused head off (fused_lm_head=False)")
         if args.precompute_ref_logps:
             self._precompute_reference()
 
@@ -197,14 +206,15 @@ class TokenWeightedDPOTrainer(Trainer):
             yield self.model
 
     def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Reference logits ``[2B, T, V]``: no grad, eval mode, in the policy's mixed-precision context.
+        """Reference logits ``[2B, T, V]``: no grad, eval mode, in the policy's mixed-precision context (with
+        ``fused_lm_head``, :class:`tidpo.FusedLogits` of the reference's last hidden state).
 
         The policy's forward runs under the autocast that ``accelerate`` wraps around it (``--bf16`` /
         ``--fp16``); every kind of reference runs under the same one, so a reference equal to the policy
         gives bitwise equal log-probs (and no fp32 reference forward or fp32 reference logits on a GPU).
         """
         with torch.no_grad(), self.accelerator.autocast(), self._reference_model() as ref:
-            return ref(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            return model_logits(ref, input_ids, attention_mask, fused=self.args.fused_lm_head)
 
     def _precompute_reference(self) -> None:
         datasets = [("train_dataset", self.train_dataset)]
