@@ -3,8 +3,8 @@
 The logits ``z = head(h)`` exist one bounded tile at a time (``rows x vocab_chunk``, at most
 :data:`TILE_ELEMENTS` fp32 values); statistics accumulate online over the vocabulary like an attention output
 (a running max ``m`` and sum ``s = sum_v exp(z_v - m)``, rescaled when the max grows), in fp32 (fp64 for fp64
-inputs). The matmuls run in the dtype the materialised head would use (the autocast dtype under autocast,
-else that of ``hidden`` and ``weight``), with fp32 accumulation inside the GEMM.
+inputs). The matmul operands are rounded to the dtype the materialised head would use (the autocast dtype under
+autocast, else that of ``hidden`` and ``weight``) and their products come out in fp32, unrounded (:func:`_matmul`).
 
 Gradients (docs/methods.md §0.1). Every quantity here is a function of per-token scalars of the logits, so the
 gradient w.r.t. a hidden state is a vocabulary-weighted sum of head rows, which the forward accumulates in the
@@ -61,6 +61,26 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+#: ``torch.mm(..., out_dtype=torch.float32)`` from fp16 / bf16 operands: CUDA, torch >= 2.8.
+_CUDA_MM_OUT_DTYPE = torch.__version__ >= "2.8"
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` for operands already in the compute dtype, the product in ``out_dtype`` without first rounding it
+    to the operands' dtype: tiles are summed over the vocabulary, and rounding every tile's product to bf16
+    before the sum would add one bf16 error per tile (32 at V = 128,256) where the materialised head has one.
+
+    On CUDA a half-precision GEMM with an fp32 output; elsewhere the same product from the operands upcast
+    (exact: every bf16 / fp16 value is an fp32 value), which is also the fast path on CPUs without bf16 matrix
+    units (there torch's bf16 GEMM runs 7x to several hundred times slower than fp32, depending on the layout).
+    """
+    if a.dtype == out_dtype:
+        return a @ b
+    if a.is_cuda and _CUDA_MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=out_dtype)
+    return a.to(out_dtype) @ b.to(out_dtype)
+
+
 def _rescale(m_old: torch.Tensor, m_new: torch.Tensor) -> torch.Tensor:
     """``exp(m_old - m_new)``, 0 while both are -inf (a row whose logits so far are all -inf holds nothing)."""
     return torch.where(m_new == -torch.inf, 0.0, torch.exp(m_old - m_new))
@@ -80,10 +100,9 @@ class _Tiles:
 
     def tile(self, v0: int, v1: int):
         w = self.head.weight[v0:v1].to(self.dtype)
-        z = self.rows @ w.t()
+        z = _matmul(self.rows, w.t(), self.acc)
         if self.head.bias is not None:
             z = z + self.head.bias[v0:v1].to(self.dtype)
-        z = z.to(self.acc)
         scale, cap = self.head.scale, self.head.softcap
         if scale != 1.0:
             z = z * scale
@@ -93,8 +112,9 @@ class _Tiles:
         return cap * t, scale * (1.0 - t * t), w
 
     def project(self, coefficients: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``coefficients [n, C] @ w [C, H]`` in the head's dtype, returned in the accumulation dtype."""
-        return (coefficients.to(self.dtype) @ w).to(self.acc)
+        """``coefficients [n, C] @ w [C, H]``, the coefficients rounded to the compute dtype (as the materialised
+        head's gradient is), the product in the accumulation dtype."""
+        return _matmul(coefficients.to(self.dtype), w, self.acc)
 
     def label_rows(self, labels: torch.Tensor) -> torch.Tensor:
         return self.head.weight.index_select(0, labels).to(self.dtype).to(self.acc)
@@ -167,7 +187,7 @@ def _tile_grads(tiles: _Tiles, gu: torch.Tensor, w: torch.Tensor, v0: int, v1: i
     """From ``dL/du`` on one tile: the rows' gradient, and the head's (``grads["weight"]`` / ``["bias"]``)."""
     d_rows += tiles.project(gu, w)
     if "weight" in grads:
-        grads["weight"][v0:v1] += (gu.t().to(tiles.dtype) @ tiles.rows).to(tiles.acc)
+        grads["weight"][v0:v1] += _matmul(gu.t().to(tiles.dtype), tiles.rows, tiles.acc)
     if "bias" in grads:
         grads["bias"][v0:v1] += gu.sum(0)
 
