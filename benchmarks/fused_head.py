@@ -250,7 +250,8 @@ def measure_memory(op: str, provider: str, tokens: int, hidden: int, vocab: int,
 
 # ------------------------------------------------------------------------------------------------ the run
 
-def run(args) -> dict:
+def run(args, save=None) -> dict:
+    """Every cell of ``args``; ``save(results)`` after each (dtype, op), so an interrupted run keeps its cells."""
     dtypes = [dtype_str(d) for d in args.dtypes.split(",")]
     ops = [op for op in args.ops.split(",") if op]
     unknown = sorted(set(ops) - set(OPS))
@@ -264,7 +265,7 @@ def run(args) -> dict:
     results = {"date": now.isoformat(timespec="seconds"), "device": device, "versions": versions(),
                "command": " ".join(["python -m benchmarks.fused_head", *sys.argv[1:]]),
                "shape": {"N": args.tokens, "H": args.hidden, "V": args.vocab, "pairs_for_dpo": PAIRS},
-               "repeats": args.repeats, "threads": torch.get_num_threads(), "cells": []}
+               "repeats": args.repeats, "threads": torch.get_num_threads(), "complete": False, "cells": []}
     for dtype_name in dtypes:
         dtype = to_dtype(dtype_name)
         for op in ops:
@@ -301,7 +302,10 @@ def run(args) -> dict:
                     print(f"{dtype_name} {op:14s} {provider:19s} +{cell['extra_peak_bytes'] / MiB:8.0f} MiB",
                           flush=True)
             del inputs, steps
-    results["ratios"] = ratios(results["cells"])
+            results["ratios"] = ratios(results["cells"])
+            if save is not None:
+                save(results)
+    results["complete"] = True
     return results
 
 
@@ -393,13 +397,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.tokens % (2 * PAIRS):
         raise SystemExit(f"--tokens must be a multiple of {2 * PAIRS} (the dpo op's rows), got {args.tokens}")
-    results = run(args)
-    stem = args.name or f"fused-head-{results['device']['slug']}-{results['date'][:10].replace('-', '')}"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(results))
+
+    def save(results: dict) -> None:
+        stem = args.name or f"fused-head-{results['device']['slug']}-{results['date'][:10].replace('-', '')}"
+        (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+        (args.out / f"{stem}.md").write_text(markdown(results))
+        return args.out / stem
+
+    results = run(args, save)
+    where = save(results)
     print(markdown(results))
-    print(f"wrote {args.out / stem}.json and .md")
+    print(f"wrote {where}.json and .md")
     return 0
 
 

@@ -15,14 +15,18 @@
 #      Triton backend -- otherwise the session STOPS with exit status 1, since every later number would be
 #      meaningless
 #   3. GPU tests: pytest -m gpu, verbose, with a JUnit XML (rehearsal: collected only)
-#   4. benchmark: python -m benchmarks.run, losses first and every op's first shape before any op's second,
+#   4. fused LM head (python -m benchmarks.fused_head --device cuda): tidpo's fused head vs the materialised
+#      head vs TRL's / Liger's where their wheels are in .whl/, N = 4096, H = 2048, V = 128256, fp32 and bf16,
+#      at most 120 s, its files rewritten after every op (rehearsal: toy size on CPU)
+#   5. benchmark: python -m benchmarks.run, losses first and every op's first shape before any op's second,
 #      within the time left (rehearsal: the smoke set on CPU); plots are drawn later, on CPU, from the JSON:
 #      python -m benchmarks.run --from-json OUT/bench.json
-#   5. only with FULL_SUITE=1: the whole test suite with the time that is left
+#   6. only with FULL_SUITE=1: the whole test suite with the time that is left
 #
 # Environment:
 #   OUT             results folder (default: benchmarks/results/gpu-session); files: session.log,
-#                   gpu-tests.xml, bench.json, bench.md (and suite.xml with FULL_SUITE=1)
+#                   gpu-tests.xml, fused-head.json, fused-head.md, bench.json, bench.md (and suite.xml with
+#                   FULL_SUITE=1)
 #   PYTHON_BIN      interpreter (default: python3 on PATH)
 #   BUDGET_SECONDS  the whole session (default: 300)
 #   BENCH_SET       benchmark set (default: gpu-quick; the rehearsal uses smoke)
@@ -130,6 +134,16 @@ fi
 
 # 4. Benchmark -----------------------------------------------------------------------------------------------
 # The runner stops starting cells after --max-seconds; timeout is the hard stop 30 s later.
+if [ "$REHEARSAL" = 1 ]; then
+  FUSED=(--device cpu --tokens 64 --hidden 16 --vocab 301 --repeats 1)
+else
+  FUSED=(--device cuda --dtypes float32,bfloat16 --repeats 3)
+fi
+say "fused LM head: ${FUSED[*]}"
+timeout 120 "$PY" -m benchmarks.fused_head "${FUSED[@]}" --out "$OUT_DIR" --name fused-head
+rc=$?
+[ "$rc" -eq 0 ] || { echo "fused LM head benchmark: exit status $rc"; status=1; }
+
 if [ "$REHEARSAL" = 1 ]; then
   BENCH=(--set smoke --device cpu --providers tidpo,eager)
 else

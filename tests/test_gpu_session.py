@@ -32,7 +32,7 @@ ABSENT = ("peft", "datasets", "gguf", "accelerate", "hypothesis", "liger_kernel"
 #: What the script needs of the repository.
 REPO_PARTS = ("tidpo", "csrc_triton", "benchmarks", "tests", "pyproject.toml", "setup.py")
 #: The session's files: the run log, the test report, the benchmark JSON and its table (at most 8 come back).
-SESSION_FILES = {"session.log", "gpu-tests.xml", "bench.json", "bench.md"}
+SESSION_FILES = {"session.log", "gpu-tests.xml", "fused-head.json", "fused-head.md", "bench.json", "bench.md"}
 
 pytestmark = pytest.mark.slow
 
@@ -93,6 +93,9 @@ def test_rehearsal_passes_the_gate_collects_the_gpu_tests_and_writes_its_files(t
     assert results["complete"] and {"torch", "triton", "cuda", "driver"} <= set(results["versions"])
     assert all(c["status"] == "ok" and c["backend"] for c in results["cells"])
     assert (out / "bench.md").read_text().startswith("Device: CPU")
+    fused = {(c["op"], c["provider"]): c for c in json.loads((out / "fused-head.json").read_text())["cells"]}
+    assert all(fused[op, "tidpo_fused"]["status"] == "ok" for op in ("logps", "logps_trained", "kl", "dpo"))
+    assert "not installed" in fused["logps", "trl"]["reason"]  # the bare Python has no TRL: recorded, not fatal
     print(f"rehearsal: {seconds:.0f} s")  # shown with -s; the budget on a GPU machine is 5 minutes
 
 
