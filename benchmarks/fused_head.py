@@ -4,7 +4,7 @@ Usage::
 
     python -m benchmarks.fused_head [--device cpu|cuda] [--tokens 4096] [--hidden 2048] [--vocab 128256]
                                     [--dtypes float32,bfloat16] [--ops logps,logps_trained,kl,dpo] [--repeats 3]
-                                    [--memory]
+                                    [--providers tidpo_fused,tidpo_materialised,trl,liger] [--memory]
                                     [--out benchmarks/results] [--name STEM]
 
 Each cell is one training step of an op from hidden states ``h [N, H]`` through a head ``W [V, H]``: the forward
@@ -257,6 +257,11 @@ def run(args, save=None) -> dict:
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
         raise SystemExit(f"unknown ops: {unknown} (choose from {', '.join(OPS)})")
+    providers = [p for p in args.providers.split(",") if p]
+    unknown = sorted(set(providers) - set(PROVIDERS))
+    if unknown or "tidpo_fused" not in providers:
+        raise SystemExit(f"--providers must include tidpo_fused and come from {', '.join(PROVIDERS)}, got "
+                         f"{args.providers!r}")
     now = _dt.datetime.now().astimezone()
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -271,7 +276,7 @@ def run(args, save=None) -> dict:
         for op in ops:
             inputs = make_inputs(op, args.tokens, args.hidden, args.vocab, dtype, device=args.device)
             steps = {}
-            for provider in PROVIDERS:
+            for provider in providers:
                 cell = {"op": op, "provider": provider, "dtype": dtype_name, "status": None, "reason": "",
                         "seconds": [], "median_s": None, "agreement": None, "extra_peak_bytes": None}
                 results["cells"].append(cell)
@@ -382,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--ops", default=",".join(OPS))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help="subset to run (tidpo_fused always; e.g. leave out a provider too slow here)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--memory", action="store_true",
                         help="CPU: extra peak memory, one fresh process per cell (always measured on CUDA)")

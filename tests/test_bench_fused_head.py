@@ -77,6 +77,8 @@ def test_bad_arguments_are_refused():
         fused_head.main(["--tokens", "63"])
     with pytest.raises(SystemExit, match="unknown ops"):
         fused_head.main([*TOY, "--ops", "logps,nope"])
+    with pytest.raises(SystemExit, match="--providers must include tidpo_fused"):
+        fused_head.main([*TOY, "--providers", "trl"])
 
 
 @pytest.mark.slow
