@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--tokens must be a multiple of {2 * PAIRS} (the dpo op's rows), got {args.tokens}")
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def save(results: dict) -> None:
+    def save(results: dict) -> Path:
+        """Write (or rewrite) the JSON and markdown files; their common stem."""
         stem = args.name or f"fused-head-{results['device']['slug']}-{results['date'][:10].replace('-', '')}"
         (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
         (args.out / f"{stem}.md").write_text(markdown(results))

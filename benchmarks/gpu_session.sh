@@ -132,8 +132,8 @@ else
   [ "$rc" -eq 0 ] || { echo "GPU tests: exit status $rc"; status=1; }
 fi
 
-# 4. Benchmark -----------------------------------------------------------------------------------------------
-# The runner stops starting cells after --max-seconds; timeout is the hard stop 30 s later.
+# 4. Fused LM head -------------------------------------------------------------------------------------------
+# Its files are rewritten after every op, so a run stopped by the timeout keeps the cells it measured.
 if [ "$REHEARSAL" = 1 ]; then
   FUSED=(--device cpu --tokens 64 --hidden 16 --vocab 301 --repeats 1)
 else
@@ -144,6 +144,8 @@ timeout 120 "$PY" -m benchmarks.fused_head "${FUSED[@]}" --out "$OUT_DIR" --name
 rc=$?
 [ "$rc" -eq 0 ] || { echo "fused LM head benchmark: exit status $rc"; status=1; }
 
+# 5. Benchmark -----------------------------------------------------------------------------------------------
+# The runner stops starting cells after --max-seconds; timeout is the hard stop 30 s later.
 if [ "$REHEARSAL" = 1 ]; then
   BENCH=(--set smoke --device cpu --providers tidpo,eager)
 else
@@ -161,7 +163,7 @@ if [ "$rc" -ne 0 ]; then
   [ -f "$OUT_DIR/bench.json" ] && "$PY" -m benchmarks.run --from-json "$OUT_DIR/bench.json" --no-plots --markdown
 fi
 
-# 5. The whole suite, only when asked ------------------------------------------------------------------------
+# 6. The whole suite, only when asked ------------------------------------------------------------------------
 if [ "${FULL_SUITE:-0}" = 1 ]; then
   SUITE_SECONDS=$(( $(left) - 10 ))
   if [ "$SUITE_SECONDS" -ge 30 ]; then
