@@ -31,7 +31,8 @@ Providers (recorded as skipped, with the reason, when not installed):
 Before anything is timed, every provider's values on the first 256 rows of the very inputs it will be timed on
 are compared with ``tidpo_fused``'s and with a float64 materialised computation: fp32 within 1e-5 relative
 (TRL's per-token log-probs included), low precision within twice the materialised head's own error in that
-dtype plus 1e-3. A provider that disagrees is not timed. The repeats interleave the providers, so drifting
+dtype plus 1e-3 (its logits formed in fp32 and rounded once to that dtype, as a GEMM in that dtype returns
+them). A provider that disagrees is not timed. The repeats interleave the providers, so drifting
 machine load touches all alike. ``--memory`` also measures each cell's extra peak memory above its inputs in a
 fresh process (the method of :mod:`benchmarks.memory_cpu`).
 """
@@ -213,9 +214,27 @@ def check_agreement(op: str, provider: str, inputs: dict, dtype: torch.dtype) ->
     if dtype == torch.float32:
         tol = 1e-5 * (1 + float(truth.abs().max()))
     else:
-        materialised, _ = make_step(op, "tidpo_materialised", small)()
+        materialised = materialised_values(op, small, dtype)
         tol = 2 * float((materialised.double() - truth).abs().max()) + 1e-3
     return {"max_err_vs_float64": err, "tol": tol, "ok": err <= tol}
+
+
+def materialised_values(op: str, inputs: dict, dtype: torch.dtype) -> torch.Tensor:
+    """The materialised head's values in ``dtype``, forward only: the logits as a ``dtype`` GEMM returns them.
+
+    A GEMM in bf16/fp16 accumulates in fp32 and rounds its output once to ``dtype``; that rounding of the logits
+    is the materialised head's error. Forming the product in fp32 and rounding it gives the same logits without
+    torch's bf16 GEMM, which on CPUs without bf16 matrix units runs at well under 1 % of the fp32 rate and would
+    make this check take minutes.
+    """
+    import tidpo
+
+    def logits(h):
+        return F.linear(h.float(), inputs["weight"].float()).to(dtype)
+
+    if op == "kl":
+        return tidpo.token_kl(logits(inputs["h_ref"]), logits(inputs["h"]), inputs["labels"])
+    return tidpo.token_logps(logits(inputs["h"]), inputs["labels"])
 
 
 # ------------------------------------------------------------------------------------------------ memory

@@ -95,3 +95,27 @@ def test_trainer_runs_fused_and_materialised_give_the_same_losses(tmp_path):
     if "trl" in runs:  # same model, adapters, data order and optimiser: TRL's DPOTrainer takes the same steps
         assert runs["trl"]["losses"] == pytest.approx(fused["losses"], rel=1e-4)
     assert "tidpo_vs_tidpo_materialised" in json.loads((tmp_path / "toy.json").read_text())["ratios"]
+
+
+@pytest.mark.parametrize("op", ["logps", "kl"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_low_precision_tolerance_is_the_materialised_heads_own_error(op, dtype):
+    """The gate's materialised error (fp32 product rounded once) is the real low-precision GEMM's error."""
+    import torch
+    import torch.nn.functional as F
+
+    import tidpo
+
+    dt = getattr(torch, dtype)
+    inputs = fused_head.make_inputs(op, 256, 64, 5003, dt)
+    truth = fused_head.truth_fn(op, inputs)(inputs["h"].double(), inputs["weight"].double(), torch.arange(256))
+    if op == "kl":
+        real = tidpo.token_kl(F.linear(inputs["h_ref"], inputs["weight"]), F.linear(inputs["h"], inputs["weight"]),
+                              inputs["labels"])
+    else:
+        real = tidpo.token_logps(F.linear(inputs["h"], inputs["weight"]), inputs["labels"])
+    emulated = fused_head.materialised_values(op, inputs, dt)
+    real_err = float((real.double() - truth).abs().max())
+    emulated_err = float((emulated.double() - truth).abs().max())
+    assert real_err > 1e-5  # the rounding of the logits is visible at all
+    assert math.isclose(emulated_err, real_err, rel_tol=0.05)
