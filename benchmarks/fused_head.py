@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.memory_cpu import _maxrss_bytes, _reset_peak, _rss_bytes, dtype_str, to_dtype
-from benchmarks.timing import describe_device, versions
+from benchmarks.timing import add_output_arguments, describe_device, versions, write_results
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OPS = ("logps", "logps_trained", "kl", "dpo")
@@ -411,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--memory", action="store_true",
                         help="CPU: extra peak memory, one fresh process per cell (always measured on CUDA)")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default=None, help="file stem (default fused-head-<device>-<YYYYMMDD>)")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_output_arguments(parser, "fused-head")
     args = parser.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(_memory_worker(json.loads(args.worker))))
@@ -428,9 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     def save(results: dict) -> Path:
         """Write (or rewrite) the JSON and markdown files; their common stem."""
         stem = args.name or f"fused-head-{results['device']['slug']}-{results['date'][:10].replace('-', '')}"
-        (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
-        (args.out / f"{stem}.md").write_text(markdown(results))
-        return args.out / stem
+        return write_results(args.out, stem, results, markdown(results))
 
     results = run(args, save)
     where = save(results)

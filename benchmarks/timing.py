@@ -255,3 +255,26 @@ def versions() -> dict:
 
     out["liger_kernel"] = liger_version()
     return out
+
+
+def write_results(out, stem: str, results: dict, markdown: str):
+    """Write ``<out>/<stem>.json`` and ``.md`` (the folder is created); the common path stem."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
+    return out / stem
+
+
+def add_output_arguments(parser, stem: str) -> None:
+    """``--out`` (the results folder), ``--name`` (the file stem, default ``<stem>-<device>-<YYYYMMDD>``) and the
+    hidden ``--worker SPEC`` through which a benchmark runs its measurements in a fresh process."""
+    import argparse
+    from pathlib import Path
+
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--name", default=None, help=f"file stem (default {stem}-<device>-<YYYYMMDD>)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

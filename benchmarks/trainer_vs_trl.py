@@ -39,6 +39,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.timing import add_output_arguments
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PROVIDERS = ("tidpo", "tidpo_materialised", "trl")
 MiB = 2**20
@@ -199,9 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reply-tokens", type=int, default=450)
     parser.add_argument("--lora-last-layers", type=int, default=8)
     parser.add_argument("--providers", default=",".join(PROVIDERS))
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--name", default=None, help="file stem (default trainer-vs-trl-<device>-<YYYYMMDD>)")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    add_output_arguments(parser, "trainer-vs-trl")
     args = parser.parse_args(argv)
     if args.worker is not None:
         print(json.dumps(_worker(json.loads(args.worker))))
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
 
-    from benchmarks.timing import describe_device, versions
+    from benchmarks.timing import describe_device, versions, write_results
 
     now = _dt.datetime.now().astimezone()
     settings = {"steps": args.steps, "pairs": args.pairs, "reply_tokens": args.reply_tokens,
@@ -234,11 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                               "memory": ok["tidpo"]["extra_peak_bytes"] / ok[other]["extra_peak_bytes"]}
         for other in ("trl", "tidpo_materialised") if "tidpo" in ok and other in ok}
     stem = args.name or f"trainer-vs-trl-{results['device']['slug']}-{now.strftime('%Y%m%d')}"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(results))
+    where = write_results(args.out, stem, results, markdown(results))
     print(markdown(results))
-    print(f"wrote {args.out / stem}.json and .md")
+    print(f"wrote {where}.json and .md")
     return 0
 
 

@@ -141,3 +141,14 @@ def test_sft_and_reverse_builders_run(tmp_path):
         summary = json.loads((out / "tidpo_summary.json").read_text())
         key = "eval_sft/nll" if "sft" in extra else "eval_rewards/margins"
         assert key in summary["eval_after"]
+
+
+@pytest.mark.parametrize("eval_size", [0, 1, 3])
+def test_embedded_data_holds_out_exactly_eval_size_pairs(eval_size):
+    from tidpo.cli.train import RunArguments, load_train_eval_rows
+
+    train, held_out = load_train_eval_rows(RunArguments(data="embedded", eval_size=eval_size))
+    everything, _ = load_train_eval_rows(RunArguments(data="embedded", eval_size=0))
+    assert (held_out is None) if eval_size == 0 else len(held_out) == eval_size
+    assert train and all(row not in train for row in held_out or [])
+    assert len(everything) >= len(train) + eval_size

@@ -129,3 +129,21 @@ def disable_dropout(model: nn.Module) -> list[tuple[str, float]]:
             if _is_dropout_name(attr) and _is_probability(value):
                 setattr(module, attr, 0.0)
     return kept
+
+
+def active_dropout(model: nn.Module) -> list[str]:
+    """Where ``model`` applies dropout in train mode, as ``"module.attr=p"`` (empty: train mode is deterministic).
+
+    Looks at what :func:`disable_dropout` switches off (``nn.Dropout`` modules, adapter dropout included, and
+    probabilities kept as module attributes) and at the configs' probabilities that some models read at
+    forward time (:class:`ConfigDropout`).
+    """
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            found.append(f"{name}.p={module.p:g}")
+        for attr, value in list(vars(module).items()):
+            if _is_dropout_name(attr) and _is_probability(value):
+                found.append(f"{name}.{attr}={value:g}")
+    found += [f"config.{name}={value:g}" for _, name, value in ConfigDropout(model).entries]
+    return found

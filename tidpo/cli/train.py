@@ -115,7 +115,9 @@ def load_train_eval_rows(args: RunArguments, conversational: bool = True) -> tup
             raise ValueError("--weights needs --data PATH: a weights file must match the rows of a data file")
         from tidpo.apps.embedded import chatterbot_pairs
 
-        train, held_out = chatterbot_pairs(seed=args.seed_split, num_heldout=max(args.eval_size, 1),
+        # The corpus splits off 0 or >= 2 pairs; one held-out pair is the first of two.
+        num_heldout = 0 if args.eval_size == 0 else max(args.eval_size, 2)
+        train, held_out = chatterbot_pairs(seed=args.seed_split, num_heldout=num_heldout,
                                            conversational=conversational)
         held_out = held_out[:args.eval_size] if args.eval_size else None
     else:

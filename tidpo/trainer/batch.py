@@ -7,18 +7,32 @@ anchors — and the batch computes exactly that, once.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from functools import cached_property
 
 import torch
 from torch import nn
 
+from tidpo._model_state import active_dropout
 from tidpo.losses import TripletAnchor
 from tidpo.losses.output import per_pair
 from tidpo.ops import token_logps
 from tidpo.trainer.anchors import chosen_prefix_context, sample_anchors
 from tidpo.trainer.fused_head import FUSED_KWARG
-from tidpo.weights.attribution import ti_dpo_token_weights, weight_entropy
+from tidpo.trainer.loss_registry import WEIGHTS_ONLINE
+from tidpo.weights.attribution import (
+    attribution_target,
+    check_batch,
+    embedding_leaves,
+    embedding_shift,
+    importance_from_gradient,
+    ti_dpo_token_weights,
+    weight_entropy,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def next_token(values: torch.Tensor, fill) -> torch.Tensor:
@@ -31,11 +45,14 @@ def next_token(values: torch.Tensor, fill) -> torch.Tensor:
     return torch.cat([values[:, 1:], values.new_full((values.shape[0], 1), fill)], dim=1)
 
 
-def model_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, fused: bool):
+def model_logits(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *, fused: bool,
+                 inputs_embeds: torch.Tensor | None = None):
     """``[R, T, V]`` logits of ``model`` (no slice), or with ``fused`` the last hidden state under its LM head
-    (:class:`tidpo.FusedLogits`, see :mod:`tidpo.trainer.fused_head`)."""
+    (:class:`tidpo.FusedLogits`, see :mod:`tidpo.trainer.fused_head`). From ``inputs_embeds`` instead of
+    ``input_ids`` when given."""
     extra = {FUSED_KWARG: True} if fused else {}
-    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
+    tokens = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    return model(**tokens, attention_mask=attention_mask, use_cache=False, **extra).logits
 
 
 class TrainingBatch:
@@ -54,8 +71,22 @@ class TrainingBatch:
         #: Keyword arguments every tidpo op / loss call of the trainer takes.
         self.op_kwargs = {"ignore_index": self.ignore_index, "backend": self.args.loss_backend}
         self.num_pairs = inputs["input_ids"].shape[0] // 2
-        #: TI-DPO on CPU: wall time of the attribution (set when the online weights are computed).
-        self.attribution_seconds: float | None = None
+        #: Wall seconds of each part computed so far (CPU only: elsewhere it would need a host sync per part):
+        #: ``policy_forward``, ``reference_forward``, ``attribution``, ``anchor_sampling``, ``anchor_scoring``.
+        self.part_seconds: dict[str, float] = {}
+        self._raw_importance: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def _timed(self, part: str):
+        """Add the wall time of the block to ``part_seconds[part]`` (CPU only)."""
+        if self.inputs["input_ids"].device.type != "cpu":
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.part_seconds[part] = self.part_seconds.get(part, 0.0) + time.perf_counter() - start
 
     # -- policy ------------------------------------------------------------------------------------------
     @cached_property
@@ -67,8 +98,12 @@ class TrainingBatch:
     @cached_property
     def policy_logits(self) -> torch.Tensor:
         """``[2B, T, V]``: one forward of the policy over the 2B rows (:class:`tidpo.FusedLogits` with
-        ``fused_lm_head``)."""
-        return self._forward(self.model, self.inputs["input_ids"], self.inputs["attention_mask"])
+        ``fused_lm_head``). With :attr:`shares_attribution_forward`, TI-DPO's attribution gradient is taken from
+        this very forward."""
+        if self.shares_attribution_forward:
+            return self._policy_forward_with_attribution()
+        with self._timed("policy_forward"):
+            return self._forward(self.model, self.inputs["input_ids"], self.inputs["attention_mask"])
 
     @cached_property
     def chosen_labels(self) -> torch.Tensor:
@@ -81,17 +116,21 @@ class TrainingBatch:
         if "policy_logits" in self.__dict__:
             return self.policy_logits[:self.num_pairs]
         rows = slice(0, self.num_pairs)
-        return self._forward(self.model, self.inputs["input_ids"][rows], self.inputs["attention_mask"][rows])
+        with self._timed("policy_forward"):
+            return self._forward(self.model, self.inputs["input_ids"][rows], self.inputs["attention_mask"][rows])
 
-    def _forward(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        return model_logits(model, input_ids, attention_mask, fused=self.args.fused_lm_head)
+    def _forward(self, model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *,
+                 inputs_embeds: torch.Tensor | None = None):
+        return model_logits(model, input_ids, attention_mask, fused=self.args.fused_lm_head,
+                            inputs_embeds=inputs_embeds)
 
     # -- reference ---------------------------------------------------------------------------------------
     @cached_property
     def ref_logits(self) -> torch.Tensor:
         """``[2B, T, V]`` reference logits (no grad, in the policy's precision context; fused with
         ``fused_lm_head``)."""
-        return self.trainer.reference_logits(self.inputs["input_ids"], self.inputs["attention_mask"])
+        with self._timed("reference_forward"):
+            return self.trainer.reference_logits(self.inputs["input_ids"], self.inputs["attention_mask"])
 
     @cached_property
     def ref_logps(self) -> torch.Tensor:
@@ -102,10 +141,11 @@ class TrainingBatch:
         if "ref_logps" in self.inputs:
             return next_token(self.inputs["ref_logps"], 0.0)
         logits = self.__dict__.get("ref_logits")
-        if logits is None:
-            logits = self.trainer.reference_logits(self.inputs["input_ids"], self.inputs["attention_mask"])
-        with torch.no_grad():
-            return token_logps(logits, self.labels, **self.op_kwargs)
+        with self._timed("reference_forward"):
+            if logits is None:
+                logits = self.trainer.reference_logits(self.inputs["input_ids"], self.inputs["attention_mask"])
+            with torch.no_grad():
+                return token_logps(logits, self.labels, **self.op_kwargs)
 
     # -- token weights -----------------------------------------------------------------------------------
     @cached_property
@@ -119,20 +159,84 @@ class TrainingBatch:
         return next_token(weights, 0.0)
 
     @cached_property
+    def shares_attribution_forward(self) -> bool:
+        """Whether TI-DPO's attribution gradient comes from the loss's own policy forward.
+
+        That forward runs in train mode; the attribution's own forward runs in eval mode. They compute the same
+        function when train mode applies no dropout, so the trainer shares them then (``ti_shared_forward``,
+        the default), and only while gradients are on (training) and without reentrant gradient checkpointing
+        (which cannot give ``autograd.grad`` a gradient). Otherwise the separate eval-mode pass runs.
+        """
+        args = self.args
+        if not (args.loss_spec.weights == WEIGHTS_ONLINE and args.ti_importance == "gradient" and args.ti_shared_forward
+                and torch.is_grad_enabled() and self.model.training):
+            return False
+        policy = self.trainer.accelerator.unwrap_model(self.model)
+        dropout = active_dropout(policy)
+        if dropout:
+            self.trainer.log_once(f"TI-DPO: separate attribution pass (dropout is active in train mode: "
+                                  f"{', '.join(dropout[:3])}{', ...' if len(dropout) > 3 else ''})")
+            return False
+        checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in policy.modules())
+        # transformers' default is the non-reentrant checkpoint, which autograd.grad can go through.
+        if checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+            self.trainer.log_once("TI-DPO: separate attribution pass (reentrant gradient checkpointing; "
+                                  "gradient_checkpointing_kwargs={'use_reentrant': False} lets the forward be shared)")
+            return False
+        return True
+
+    def _policy_forward_with_attribution(self):
+        """The policy forward from embedding leaves, and TI-DPO's raw importance from it (the graph is kept for
+        the loss). With ``ti_attribution_target="log_ratio"`` the reference runs on its embeddings plus the shift
+        (zero in value); its logits, detached, are then also the loss's reference logits: the same values as from
+        the token ids."""
+        args, inputs = self.args, self.inputs
+        input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        check_batch(input_ids, mask)
+        policy = self.trainer.accelerator.unwrap_model(self.model)
+        gate = self.trainer.frozen_prefix_gate
+        with self._timed("policy_forward"), gate.installed():
+            embeds = embedding_leaves(policy, input_ids)
+            logits = self._forward(self.model, None, mask, inputs_embeds=embeds)
+        ref_logits = None
+        with self._timed("attribution"):
+            if args.ti_attribution_target == "log_ratio":
+                with gate.installed():
+                    ref_logits = self.trainer.reference_logits(input_ids, mask,
+                                                               embedding_shift=embedding_shift(embeds))
+            value = attribution_target(args.ti_attribution_target, logits, mask, inputs["labels"],
+                                       ref_logits=ref_logits, ignore_index=self.ignore_index)
+            with gate.open():  # the loss's backward, later, stops at the gate
+                (grad,) = torch.autograd.grad(value, embeds, retain_graph=True)
+            self._raw_importance = importance_from_gradient(grad, mask)
+        if ref_logits is not None and "ref_logits" not in self.__dict__:
+            self.__dict__["ref_logits"] = ref_logits.detach()
+        return logits
+
+    @cached_property
     def online_weights(self) -> torch.Tensor:
         """``[2B, T]`` TI-DPO weights: attribution of the current policy mixed with the Gaussian prior."""
         args = self.args
-        start = time.perf_counter()
-        weights = ti_dpo_token_weights(
-            self.trainer.accelerator.unwrap_model(self.model), self.inputs["input_ids"],
-            self.inputs["attention_mask"], self.inputs["labels"], lam=args.ti_lambda, sigma_div=args.prior_sigma_div,
-            scope=args.importance_scope, ignore_index=self.ignore_index, importance=args.ti_importance)
-        weights = next_token(weights, 0.0)
-        if weights.device.type == "cpu":
-            # Wall time is only meaningful where kernels run synchronously (CPU); on an accelerator it
-            # would need a host sync per step.
-            self.attribution_seconds = time.perf_counter() - start
-        return weights
+        scores, reference = None, None
+        if self.shares_attribution_forward:
+            self.policy_logits  # noqa: B018 - computes the raw importance with the forward
+            scores = self._raw_importance
+        elif args.ti_attribution_target == "log_ratio":
+            def reference(input_ids, mask, shift):
+                return self.trainer.reference_logits(input_ids, mask, embedding_shift=shift)
+        with self._timed("attribution"):
+            weights = ti_dpo_token_weights(
+                self.trainer.accelerator.unwrap_model(self.model), self.inputs["input_ids"],
+                self.inputs["attention_mask"], self.inputs["labels"], lam=args.ti_lambda,
+                sigma_div=args.prior_sigma_div, scope=args.importance_scope, ignore_index=self.ignore_index,
+                importance=args.ti_importance, target=args.ti_attribution_target, reference=reference,
+                scores=scores)
+            return next_token(weights, 0.0)
+
+    @property
+    def attribution_seconds(self) -> float | None:
+        """TI-DPO on CPU: wall time of the attribution this step (None before it ran, or off CPU)."""
+        return self.part_seconds.get("attribution")
 
     @property
     def online_weight_metrics(self) -> dict:
@@ -158,14 +262,16 @@ class TrainingBatch:
                 self.inputs["input_ids"], self.inputs["attention_mask"], self.inputs["labels"],
                 num_pairs=self.num_pairs, fraction=args.anchor_chosen_fraction, pad_token_id=pad_token_id,
                 ignore_index=self.ignore_index)
-        sampled = sample_anchors(
-            trainer.accelerator.unwrap_model(self.model), context, context_mask, pad_token_id=pad_token_id,
-            eos_token_id=trainer.end_of_turn_ids, max_new_tokens=args.anchor_max_new_tokens, top_k=args.anchor_top_k,
-            top_p=args.anchor_top_p, temperature=args.anchor_temperature, prefix_lengths=prefix,
-            ignore_index=self.ignore_index)
-        logits = self._forward(self.model, sampled["input_ids"], sampled["attention_mask"])
-        labels = next_token(sampled["labels"], self.ignore_index)
-        ref_logits = trainer.reference_logits(sampled["input_ids"], sampled["attention_mask"])
-        with torch.no_grad():
-            ref_logps = token_logps(ref_logits, labels, **self.op_kwargs)
+        with self._timed("anchor_sampling"):
+            sampled = sample_anchors(
+                trainer.accelerator.unwrap_model(self.model), context, context_mask, pad_token_id=pad_token_id,
+                eos_token_id=trainer.end_of_turn_ids, max_new_tokens=args.anchor_max_new_tokens,
+                top_k=args.anchor_top_k, top_p=args.anchor_top_p, temperature=args.anchor_temperature,
+                prefix_lengths=prefix, ignore_index=self.ignore_index)
+        with self._timed("anchor_scoring"):
+            logits = self._forward(self.model, sampled["input_ids"], sampled["attention_mask"])
+            labels = next_token(sampled["labels"], self.ignore_index)
+            ref_logits = trainer.reference_logits(sampled["input_ids"], sampled["attention_mask"])
+            with torch.no_grad():
+                ref_logps = token_logps(ref_logits, labels, **self.op_kwargs)
         return TripletAnchor(logits, labels, ref_logps=ref_logps)

@@ -25,7 +25,7 @@ from tidpo.trainer.loss_registry import (
     method_fields,
     readers_of,
 )
-from tidpo.weights.attribution import IMPORTANCES, SCOPES
+from tidpo.weights.attribution import IMPORTANCES, SCOPES, TARGETS
 
 #: TI-DPO hyper-parameters of the official code (config/loss/tidpo.yaml), applied by ``ti_preset="official"``;
 #: the field defaults are the paper's table (docs/methods.md §3.5).
@@ -64,7 +64,10 @@ class TokenWeightedDPOConfig(TrainingArguments):
                                            response-scope importance, anchor sampling (top-k 50, top-p
                                            0.95, T 0.8, 64 tokens) from the prompt (``anchor_source``;
                                            ``chosen`` continues half the chosen response, the paper's
-                                           text); ``ti_preset="official"`` = the code's values
+                                           text); ``ti_preset="official"`` = the code's values;
+                                           ``ti_attribution_target`` top_logit (released) /
+                                           sequence_logp / log_ratio; ``ti_shared_forward``: the
+                                           attribution reads the loss's forward when dropout is off
     ``beta``                    0.1        inverse temperature β of every loss (> 0)
     ``alpha``                   0.5        TDPO2 / token-level TIS-DPO KL weight α (≥ 0)
     ``label_smoothing``         0.0        conservative DPO ε in [0, 0.5) (``dpo`` only)
@@ -129,6 +132,16 @@ class TokenWeightedDPOConfig(TrainingArguments):
         "TI-DPO token importance: gradient (the method) | uniform (all weights 1) | random (U(0,1) scores "
         "rescaled to mean 1): the paper's Table 2 ablations; uniform and random skip the attribution",
         choices=IMPORTANCES))
+    ti_attribution_target: str = field(default="top_logit", metadata=_help(
+        "TI-DPO: the scalar whose input-embedding gradient is the token importance: top_logit (the released "
+        "method: the top logit at the last position) | sequence_logp (sum_t log pi(y_t)) | log_ratio "
+        "(sum_t log pi(y_t) - log pi_ref(y_t), policy and reference on the same embeddings: needs the "
+        "adapter-disabled reference)", choices=TARGETS))
+    ti_shared_forward: bool = field(default=True, metadata=_help(
+        "TI-DPO: take the attribution gradient from the loss's own policy forward (embeddings as autograd "
+        "leaves, graph retained) when that forward is deterministic (no dropout active, no reentrant gradient "
+        "checkpointing), instead of a separate eval-mode forward; --no-ti-shared-forward keeps the separate "
+        "pass (less memory: the graph down to the embeddings is not kept)"))
     importance_scope: str = field(default="response", metadata=_help(
         "TI-DPO weights over the response tokens (paper) | over the whole sequence (official code: sequence)",
         choices=SCOPES))
@@ -190,6 +203,7 @@ class TokenWeightedDPOConfig(TrainingArguments):
             check_choice(self.ti_preset, "ti_preset", ("official",))
         check_choice(self.importance_scope, "importance_scope", SCOPES)
         check_choice(self.ti_importance, "ti_importance", IMPORTANCES)
+        check_choice(self.ti_attribution_target, "ti_attribution_target", TARGETS)
         for name in ("gamma", "triplet_margin", "kl_coef"):
             check_non_negative(getattr(self, name), name)
         check_number(self.ti_lambda, "ti_lambda", low=0.0, high=1.0)

@@ -146,8 +146,9 @@ def _sft(batch: TrainingBatch) -> LossOutput:
 # the table
 
 _TI_DPO_FIELDS = ("beta", "alpha", "gamma", "triplet_margin", "ti_lambda", "prior_sigma_div", "ti_importance",
-                  "importance_scope", "kl_coef", "anchor_max_new_tokens", "anchor_top_k", "anchor_top_p",
-                  "anchor_temperature", "anchor_source", "anchor_chosen_fraction", "ti_preset")
+                  "ti_attribution_target", "ti_shared_forward", "importance_scope", "kl_coef",
+                  "anchor_max_new_tokens", "anchor_top_k", "anchor_top_p", "anchor_temperature", "anchor_source",
+                  "anchor_chosen_fraction", "ti_preset")
 _TRIPLET: Condition = (lambda c: c.gamma > 0, "with gamma > 0 (the triplet term and its anchors)")
 _TI_DPO_CONDITIONS: dict[str, Condition] = {
     **{name: _TRIPLET for name in ("triplet_margin", "anchor_max_new_tokens", "anchor_top_k", "anchor_top_p",
@@ -156,6 +157,8 @@ _TI_DPO_CONDITIONS: dict[str, Condition] = {
                                "with gamma > 0 and anchor_source='chosen'"),
     "ti_lambda": (lambda c: c.ti_importance == "gradient", "with ti_importance='gradient' (the prior mix)"),
     "prior_sigma_div": (lambda c: c.ti_importance == "gradient", "with ti_importance='gradient' (the prior mix)"),
+    **{name: (lambda c: c.ti_importance == "gradient", "with ti_importance='gradient' (the attribution)")
+       for name in ("ti_attribution_target", "ti_shared_forward")},
     "importance_scope": (lambda c: c.ti_importance != "uniform", "unless ti_importance='uniform'"),
 }
 _TIS_DPO_CONDITIONS: dict[str, Condition] = {

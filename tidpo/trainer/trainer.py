@@ -24,8 +24,9 @@ from tidpo.trainer.anchors import end_of_turn_ids
 from tidpo.trainer.batch import TrainingBatch, model_logits
 from tidpo.trainer.config import TokenWeightedDPOConfig
 from tidpo.trainer.fused_head import add_fused_lm_head, head_of, transformers_model
-from tidpo.trainer.loss_registry import REFERENCE_LOGITS, REFERENCE_NONE, WEIGHTS_DATA
+from tidpo.trainer.loss_registry import REFERENCE_LOGITS, REFERENCE_NONE, WEIGHTS_DATA, WEIGHTS_ONLINE
 from tidpo.trainer.reference_model import frozen_copy, placement_of, precompute_reference_logps
+from tidpo.trainer.shared_forward import FrozenPrefixGate
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,7 @@ class TokenWeightedDPOTrainer(Trainer):
             ref_model = frozen_copy(model)
         if ref_model is not None:
             ref_model.eval().requires_grad_(False)
+            _check_log_ratio_reference(args, model, ref_model)
         if args.fused_lm_head:
             for each in (model, ref_model):
                 if each is not None:
@@ -147,7 +149,8 @@ class TokenWeightedDPOTrainer(Trainer):
         self._config_dropout = ConfigDropout(model, ref_model) if args.disable_dropout else ConfigDropout()
         #: Ids that end a reply (TI-DPO anchors): the model's generation config and the tokenizer's EOS.
         self.end_of_turn_ids = end_of_turn_ids(model, processing_class)
-        self._attribution_seconds: float | None = None  # TI-DPO on CPU: set by the loss, read by training_step
+        #: Wall seconds of the parts of the last training micro-step (CPU only; see :meth:`training_step`).
+        self.step_part_seconds: dict[str, float] = {}
         self._metric_totals: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}  # key -> [sum, count]
         self._evaluation_depth = 0
         self.ref_model = None
@@ -160,6 +163,22 @@ class TokenWeightedDPOTrainer(Trainer):
                              "or turn the fused head off (fused_lm_head=False)")
         if args.precompute_ref_logps:
             self._precompute_reference()
+
+    @property
+    def frozen_prefix_gate(self) -> FrozenPrefixGate:
+        """TI-DPO's shared forward: where the loss's backward stops (:mod:`tidpo.trainer.shared_forward`), found
+        once, on the first use (which parameters train does not change while training)."""
+        gate = self.__dict__.get("_frozen_prefix_gate")
+        if gate is None:
+            gate = self.__dict__["_frozen_prefix_gate"] = FrozenPrefixGate(self.accelerator.unwrap_model(self.model))
+        return gate
+
+    def log_once(self, message: str) -> None:
+        """Log ``message`` at INFO level the first time it is given (a choice made at every step, said once)."""
+        logged = self.__dict__.setdefault("_logged_once", set())
+        if message not in logged:
+            logged.add(message)
+            logger.info(message)
 
     # ----------------------------------------------------------------------------------------------
     # models, data and reference
@@ -205,16 +224,26 @@ class TokenWeightedDPOTrainer(Trainer):
         with eval_mode(self.model), self.accelerator.unwrap_model(self.model).disable_adapter():
             yield self.model
 
-    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Reference logits ``[2B, T, V]``: no grad, eval mode, in the policy's mixed-precision context (with
+    def reference_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                         embedding_shift: torch.Tensor | None = None) -> torch.Tensor:
+        """Reference logits ``[2B, T, V]``: eval mode, in the policy's mixed-precision context (with
         ``fused_lm_head``, :class:`tidpo.FusedLogits` of the reference's last hidden state).
 
         The policy's forward runs under the autocast that ``accelerate`` wraps around it (``--bf16`` /
         ``--fp16``); every kind of reference runs under the same one, so a reference equal to the policy
         gives bitwise equal log-probs (and no fp32 reference forward or fp32 reference logits on a GPU).
+
+        The forward runs under ``no_grad``, unless ``embedding_shift`` is given (``[2B, T, H]``, zero in value:
+        TI-DPO's ``log_ratio`` attribution, :func:`tidpo.weights.attribution.embedding_shift`): the reference then
+        reads its own embeddings of ``input_ids`` plus the shift and keeps the graph to it; its parameters get no
+        gradient (frozen, or adapters disabled).
         """
-        with torch.no_grad(), self.accelerator.autocast(), self._reference_model() as ref:
-            return model_logits(ref, input_ids, attention_mask, fused=self.args.fused_lm_head)
+        if embedding_shift is None:
+            with torch.no_grad(), self.accelerator.autocast(), self._reference_model() as ref:
+                return model_logits(ref, input_ids, attention_mask, fused=self.args.fused_lm_head)
+        with self.accelerator.autocast(), self._reference_model() as ref:
+            embeds = self.accelerator.unwrap_model(ref).get_input_embeddings()(input_ids) + embedding_shift
+            return model_logits(ref, None, attention_mask, fused=self.args.fused_lm_head, inputs_embeds=embeds)
 
     def _precompute_reference(self) -> None:
         datasets = [("train_dataset", self.train_dataset)]
@@ -241,7 +270,8 @@ class TokenWeightedDPOTrainer(Trainer):
         """The configured loss of one collated batch (a :class:`~tidpo.losses.LossOutput`)."""
         batch = TrainingBatch(self, model, inputs)
         out = self.loss_spec.compute(batch)
-        self._attribution_seconds = batch.attribution_seconds
+        if model.training:
+            self.step_part_seconds = batch.part_seconds
         return out
 
     def get_batch_samples(self, epoch_iterator, num_batches, *args, **kwargs):
@@ -277,19 +307,24 @@ class TokenWeightedDPOTrainer(Trainer):
             super()._save(output_dir, state_dict)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The Trainer's step; for TI-DPO on CPU also logs ``ti/step_seconds`` and ``ti/attribution_share``.
+        """The Trainer's step; on CPU also records the wall time of its parts in :attr:`step_part_seconds`.
 
-        The share is the attribution's wall time over the whole micro-step (forward, attribution, anchor
-        sampling and scoring, backward), measured only where it costs no device synchronisation (CPU).
+        The parts are those of :attr:`TrainingBatch.part_seconds <tidpo.trainer.batch.TrainingBatch>` (policy
+        and reference forwards, TI-DPO's attribution, anchor sampling and scoring), plus ``"step"``: the whole
+        micro-step (forward, loss and backward; not the optimiser). They are measured only where it costs no
+        device synchronisation (CPU). TI-DPO also logs ``ti/step_seconds`` and ``ti/attribution_share`` (the
+        attribution's wall time over the micro-step's).
         """
-        self._attribution_seconds = None
+        self.step_part_seconds = {}
         start = time.perf_counter()
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._attribution_seconds is not None:
+        if self.step_part_seconds:
             seconds = time.perf_counter() - start
-            self._add_totals({"ti/step_seconds": per_pair(torch.tensor([seconds])),
-                              "ti/attribution_share": per_pair(torch.tensor([self._attribution_seconds / seconds]))},
-                             "train")
+            self.step_part_seconds["step"] = seconds
+            attribution = self.step_part_seconds.get("attribution")
+            if attribution is not None:
+                self._add_totals({"ti/step_seconds": per_pair(torch.tensor([seconds])),
+                                  "ti/attribution_share": per_pair(torch.tensor([attribution / seconds]))}, "train")
         return loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -416,6 +451,18 @@ def _collator_ignore_index(collator) -> int:
 def _carries_reference(dataset) -> bool:
     datasets = dataset.values() if isinstance(dataset, dict) else [dataset]
     return any(d is not None and REF_LOGPS_COLUMNS[0] in getattr(d, "column_names", ()) for d in datasets)
+
+
+def _check_log_ratio_reference(args: TokenWeightedDPOConfig, model: nn.Module, ref_model: nn.Module) -> None:
+    """TI-DPO's ``log_ratio`` attribution adds one embedding shift to both models: their widths must agree."""
+    if not (args.loss_spec.weights == WEIGHTS_ONLINE and args.ti_importance == "gradient"
+            and args.ti_attribution_target == "log_ratio"):
+        return
+    width, ref_width = (m.get_input_embeddings().embedding_dim for m in (model, ref_model))
+    if width != ref_width:
+        raise ValueError(f"ti_attribution_target='log_ratio' shifts each token's embedding by the same vector in "
+                         f"the policy and the reference, but their embeddings are {width} and {ref_width} wide: "
+                         "use a reference of the policy's architecture, or another target")
 
 
 def _check_reference_sources(args: TokenWeightedDPOConfig, explicit_ref_model: bool, train_dataset,

@@ -41,7 +41,8 @@ from tidpo.trainer import TokenWeightedDPOConfig
 __all__ = ["run_cell"]
 
 _TI_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TokenWeightedDPOConfig)
-                if f.name in ("ti_lambda", "prior_sigma_div", "importance_scope", "ti_importance")}
+                if f.name in ("ti_lambda", "prior_sigma_div", "importance_scope", "ti_importance",
+                              "ti_attribution_target")}
 
 
 class _Cell:
@@ -139,7 +140,8 @@ def run_cell(config, seed: int, noise: float, base_path: str | Path, work_dir: s
             continue
         knobs = {**_TI_DEFAULTS, **{k: v for k, v in overrides.items() if k in _TI_DEFAULTS}}
         attribution = {"lam": knobs["ti_lambda"], "sigma_div": knobs["prior_sigma_div"],
-                       "scope": knobs["importance_scope"], "importance": knobs["ti_importance"]}
+                       "scope": knobs["importance_scope"], "importance": knobs["ti_importance"],
+                       "target": knobs["ti_attribution_target"], "reference": reference}
         at_init = cell.evaluator.ti_weight_auc(sft, **attribution)
         policy, curve, stats = cell.train(sft, cell.rows, loss="ti_dpo", reference=reference, curve=True,
                                           **overrides)

@@ -31,7 +31,7 @@ from tidpo.apps.experiment.training import tokenize_rows
 from tidpo.data import PreferenceCollator
 from tidpo.ops import token_logps
 from tidpo.trainer.anchors import through_first_eos
-from tidpo.weights.attribution import ti_dpo_token_weights
+from tidpo.weights.attribution import model_reference, ti_dpo_token_weights
 
 __all__ = ["LABEL_MODES", "Evaluator"]
 
@@ -134,19 +134,22 @@ class Evaluator:
                 "reward": float(samples["reward"].mean()), "kl": float(kl.mean()),
                 "response_length": float(words.float().mean()), "eos_rate": float(ended.float().mean())}
 
-    def ti_weight_auc(self, policy, *, lam: float, sigma_div: float, scope: str,
-                      importance: str = "gradient") -> dict:
+    def ti_weight_auc(self, policy, *, lam: float, sigma_div: float, scope: str, importance: str = "gradient",
+                      target: str = "top_logit", reference=None) -> dict:
         """``{"decisive": AUC, "key": AUC}`` of the TI-DPO weights of ``policy`` on the held-out pairs.
 
         ``importance`` is the run's ``ti_importance``: the uniform / random ablations are scored on the weights
-        they train with (random ones drawn from a generator seeded with the cell's seed).
+        they train with (random ones drawn from a generator seeded with the cell's seed). ``target`` is the run's
+        ``ti_attribution_target``; ``reference`` the run's reference model (read by ``log_ratio``).
         """
+        model_ref = None if reference is None or target != "log_ratio" else model_reference(reference)
         rows = []
         generator = torch.Generator().manual_seed(self.seed)
         for batch in DataLoader(self.heldout, batch_size=_EVAL_BATCH, shuffle=False, collate_fn=self.collator):
             weights = ti_dpo_token_weights(policy, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                            lam=lam, sigma_div=sigma_div, scope=scope, ignore_index=IGNORE_INDEX,
-                                           importance=importance, generator=generator)
+                                           importance=importance, generator=generator, target=target,
+                                           reference=model_ref)
             response = batch["labels"] != IGNORE_INDEX
             half = weights.shape[0] // 2
             for i in range(half):

@@ -37,6 +37,8 @@ METHODS: tuple[str, ...] = (
     "ti_dpo_no_prior",    # TI-DPO with lambda 1 (gradient importance only, no Gaussian prior)
     "ti_dpo_uniform",     # TI-DPO with every token weight 1 (triplet term kept)
     "ti_dpo_random",      # TI-DPO with U(0, 1) scores rescaled to mean 1 instead of the attribution
+    "ti_dpo_sequence_logp",  # TI-DPO attributing the response's log-probability instead of the top logit
+    "ti_dpo_log_ratio",   # TI-DPO attributing the response's log-ratio to the reference
 )
 #: Short names used in tables and plots.
 METHOD_LABELS: dict[str, str] = {
@@ -44,6 +46,7 @@ METHOD_LABELS: dict[str, str] = {
     "tis_dpo_d": "TIS-DPO(D)", "tis_dpo_oracle": "TIS-DPO(oracle)", "tis_dpo_uniform": "TIS-DPO(uniform)",
     "tis_dpo_random": "TIS-DPO(random)", "ti_dpo": "TI-DPO", "ti_dpo_no_triplet": "TI-DPO(no triplet)",
     "ti_dpo_no_prior": "TI-DPO(no prior)", "ti_dpo_uniform": "TI-DPO(uniform)", "ti_dpo_random": "TI-DPO(random)",
+    "ti_dpo_sequence_logp": "TI-DPO(seq. log-prob)", "ti_dpo_log_ratio": "TI-DPO(log-ratio)",
 }
 #: TIS-DPO method -> the weighting it trains on.
 TIS_WEIGHTINGS: dict[str, str] = {
@@ -57,6 +60,8 @@ TI_VARIANTS: dict[str, dict] = {
     "ti_dpo_no_prior": {"ti_lambda": 1.0},
     "ti_dpo_uniform": {"ti_importance": "uniform"},
     "ti_dpo_random": {"ti_importance": "random"},
+    "ti_dpo_sequence_logp": {"ti_attribution_target": "sequence_logp"},
+    "ti_dpo_log_ratio": {"ti_attribution_target": "log_ratio"},
 }
 
 
