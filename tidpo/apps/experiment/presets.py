@@ -8,7 +8,8 @@ Presets (:data:`PRESETS`):
 - ``smoke``: the test suite's end-to-end run (tiny task and model, 1 seed, noise 0 and 0.4, every method,
   a few steps); < 1 minute on 2 cores. Its numbers mean nothing.
 - ``reduced`` (default): every method × 3 seeds × noise 0 / 0.2 / 0.4 on the default task
-  (4 topics, 40 words, 512 training / 128 held-out pairs); 7.6 minutes measured on 2 CPU cores (limit 20).
+  (4 topics, 40 words, 512 training / 128 held-out pairs); 7.6 minutes measured on 2 CPU cores for the 14
+  methods before the two attribution targets were added (about 9 with them; limit 20).
 - ``full``: 5 seeds, 1,024 training / 256 held-out pairs, more pretraining and preference steps, a wider
   model; estimated 1–2 hours on 2 cores (not measured, not run in CI).
 """
