@@ -54,7 +54,6 @@ import torch.nn.functional as F
 from benchmarks.memory_cpu import _maxrss_bytes, _reset_peak, _rss_bytes, dtype_str, to_dtype
 from benchmarks.timing import add_output_arguments, describe_device, versions, write_results
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 OPS = ("logps", "logps_trained", "kl", "dpo")
 PROVIDERS = ("tidpo_fused", "tidpo_materialised", "trl", "liger")
 IGNORE = -100
@@ -425,8 +424,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(results: dict) -> Path:
         """Write (or rewrite) the JSON and markdown files; their common stem."""
-        stem = args.name or f"fused-head-{results['device']['slug']}-{results['date'][:10].replace('-', '')}"
-        return write_results(args.out, stem, results, markdown(results))
+        return write_results(args, "fused-head", results, markdown(results))
 
     results = run(args, save)
     where = save(results)

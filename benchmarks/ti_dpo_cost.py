@@ -35,11 +35,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from benchmarks.timing import add_output_arguments
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MiB = 2**20
 #: The README's TI-DPO cost settings (``tidpo train`` flags), shared by every variant.
 SETTINGS = ["--model", "embedded", "--data", "embedded", "--lora-last-layers", "8", "--max-length", "128",
@@ -240,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                "versions": versions(), "command": " ".join(["python -m benchmarks.ti_dpo_cost", *sys.argv[1:]]),
                "steps": args.steps, "runs": runs, "floor": floor(runs)}
     results["ratios"] = ratios(results["runs"])
-    stem = args.name or f"ti-dpo-cost-{results['device']['slug']}-{now.strftime('%Y%m%d')}"
-    where = write_results(args.out, stem, results, markdown(results))
+    where = write_results(args, "ti-dpo-cost", results, markdown(results))
     print(markdown(results))
     print(f"wrote {where}.json and .md")
     return 0

@@ -257,12 +257,14 @@ def versions() -> dict:
     return out
 
 
-def write_results(out, stem: str, results: dict, markdown: str):
-    """Write ``<out>/<stem>.json`` and ``.md`` (the folder is created); the common path stem."""
+def write_results(args, prefix: str, results: dict, markdown: str):
+    """Write ``<args.out>/<stem>.json`` and ``.md`` (the folder is created), ``stem`` being ``args.name`` or
+    ``<prefix>-<device>-<YYYYMMDD>`` (:func:`add_output_arguments`); the common path stem."""
     import json
     from pathlib import Path
 
-    out = Path(out)
+    stem = args.name or f"{prefix}-{results['device']['slug']}-{results['date'][:10].replace('-', '')}"
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown)

@@ -37,11 +37,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from benchmarks.timing import add_output_arguments
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 PROVIDERS = ("tidpo", "tidpo_materialised", "trl")
 MiB = 2**20
 SEED = 0
@@ -233,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tidpo_vs_{other}": {"time": ok["tidpo"]["median_step_s"] / ok[other]["median_step_s"],
                               "memory": ok["tidpo"]["extra_peak_bytes"] / ok[other]["extra_peak_bytes"]}
         for other in ("trl", "tidpo_materialised") if "tidpo" in ok and other in ok}
-    stem = args.name or f"trainer-vs-trl-{results['device']['slug']}-{now.strftime('%Y%m%d')}"
-    where = write_results(args.out, stem, results, markdown(results))
+    where = write_results(args, "trainer-vs-trl", results, markdown(results))
     print(markdown(results))
     print(f"wrote {where}.json and .md")
     return 0

@@ -119,16 +119,20 @@ def disable_dropout(model: nn.Module) -> list[tuple[str, float]]:
     adapter = _adapter_owned_modules(model)
     kept = []
     for name, module in model.named_modules():
-        if id(module) in adapter:
-            if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-                kept.append((name, float(module.p)))
-            continue
-        if isinstance(module, nn.modules.dropout._DropoutNd):
-            module.p = 0.0
-        for attr, value in list(vars(module).items()):
-            if _is_dropout_name(attr) and _is_probability(value):
+        for attr, p in _module_dropouts(module):
+            if id(module) not in adapter:
                 setattr(module, attr, 0.0)
+            elif attr == "p":
+                kept.append((name, p))
     return kept
+
+
+def _module_dropouts(module: nn.Module) -> list[tuple[str, float]]:
+    """``[(attribute, p)]`` of the dropout ``module`` applies in train mode (``p > 0``): an ``nn.Dropout``'s ``p``,
+    and probabilities kept as module attributes for a functional dropout (``attention_dropout``, ``attn_pdrop``)."""
+    found = [("p", float(module.p))] if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0 else []
+    return found + [(attr, value) for attr, value in vars(module).items()
+                    if _is_dropout_name(attr) and _is_probability(value)]
 
 
 def active_dropout(model: nn.Module) -> list[str]:
@@ -138,12 +142,5 @@ def active_dropout(model: nn.Module) -> list[str]:
     probabilities kept as module attributes) and at the configs' probabilities that some models read at
     forward time (:class:`ConfigDropout`).
     """
-    found = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
-            found.append(f"{name}.p={module.p:g}")
-        for attr, value in list(vars(module).items()):
-            if _is_dropout_name(attr) and _is_probability(value):
-                found.append(f"{name}.{attr}={value:g}")
-    found += [f"config.{name}={value:g}" for _, name, value in ConfigDropout(model).entries]
-    return found
+    found = [f"{name}.{attr}={p:g}" for name, module in model.named_modules() for attr, p in _module_dropouts(module)]
+    return found + [f"config.{name}={value:g}" for _, name, value in ConfigDropout(model).entries]

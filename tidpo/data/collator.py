@@ -172,6 +172,16 @@ def _scatter_aligned(items, columns: tuple[str, str], sequences, length: int) ->
     return out
 
 
+def next_token(values: torch.Tensor, fill) -> torch.Tensor:
+    """``[R, T]`` per-position values moved one step left, ``fill`` in the last column: position ``t`` then
+    holds what ``logits[:, t]`` predicts, so the logits go to the losses whole.
+
+    (Slicing ``logits[:, :-1]`` instead would make autograd allocate and zero-fill a second ``[R, T, V]``
+    gradient for the slice on every backward.)
+    """
+    return torch.cat([values[:, 1:], values.new_full((values.shape[0], 1), fill)], dim=1)
+
+
 def preference_inputs(prompt_ids: Sequence[Sequence[int]], chosen_ids: Sequence[Sequence[int]],
                       rejected_ids: Sequence[Sequence[int]], *, pad_token_id: int,
                       ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:

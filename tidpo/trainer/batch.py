@@ -8,41 +8,19 @@ anchors — and the batch computes exactly that, once.
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from functools import cached_property
 
 import torch
 from torch import nn
 
-from tidpo._model_state import active_dropout
+from tidpo.data.collator import next_token
 from tidpo.losses import TripletAnchor
 from tidpo.losses.output import per_pair
 from tidpo.ops import token_logps
 from tidpo.trainer.anchors import chosen_prefix_context, sample_anchors
 from tidpo.trainer.fused_head import FUSED_KWARG
-from tidpo.trainer.loss_registry import WEIGHTS_ONLINE
-from tidpo.weights.attribution import (
-    attribution_target,
-    check_batch,
-    embedding_leaves,
-    embedding_shift,
-    importance_from_gradient,
-    ti_dpo_token_weights,
-    weight_entropy,
-)
-
-logger = logging.getLogger(__name__)
-
-
-def next_token(values: torch.Tensor, fill) -> torch.Tensor:
-    """``[R, T]`` per-position values moved one step left, ``fill`` in the last column: position ``t`` then
-    holds what ``logits[:, t]`` predicts, so the logits go to the losses whole.
-
-    (Slicing ``logits[:, :-1]`` instead would make autograd allocate and zero-fill a second ``[R, T, V]``
-    gradient for the slice on every backward.)
-    """
-    return torch.cat([values[:, 1:], values.new_full((values.shape[0], 1), fill)], dim=1)
+from tidpo.weights.attribution import attribute, check_batch, embedding_leaves, ti_dpo_token_weights, weight_entropy
 
 
 def model_logits(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *, fused: bool,
@@ -160,55 +138,33 @@ class TrainingBatch:
 
     @cached_property
     def shares_attribution_forward(self) -> bool:
-        """Whether TI-DPO's attribution gradient comes from the loss's own policy forward.
+        """Whether TI-DPO's attribution gradient comes from the loss's own policy forward: with the gradient
+        attribution and ``ti_shared_forward``, while training (gradients on) and where
+        :meth:`~tidpo.trainer.TokenWeightedDPOTrainer.policy_forward_is_shareable`; otherwise the separate
+        eval-mode pass runs."""
+        return (self.args.attributes_online and self.args.ti_shared_forward and torch.is_grad_enabled()
+                and self.model.training and self.trainer.policy_forward_is_shareable())
 
-        That forward runs in train mode; the attribution's own forward runs in eval mode. They compute the same
-        function when train mode applies no dropout, so the trainer shares them then (``ti_shared_forward``,
-        the default), and only while gradients are on (training) and without reentrant gradient checkpointing
-        (which cannot give ``autograd.grad`` a gradient). Otherwise the separate eval-mode pass runs.
-        """
-        args = self.args
-        if not (args.loss_spec.weights == WEIGHTS_ONLINE and args.ti_importance == "gradient" and args.ti_shared_forward
-                and torch.is_grad_enabled() and self.model.training):
-            return False
-        policy = self.trainer.accelerator.unwrap_model(self.model)
-        dropout = active_dropout(policy)
-        if dropout:
-            self.trainer.log_once(f"TI-DPO: separate attribution pass (dropout is active in train mode: "
-                                  f"{', '.join(dropout[:3])}{', ...' if len(dropout) > 3 else ''})")
-            return False
-        checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in policy.modules())
-        # transformers' default is the non-reentrant checkpoint, which autograd.grad can go through.
-        if checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
-            self.trainer.log_once("TI-DPO: separate attribution pass (reentrant gradient checkpointing; "
-                                  "gradient_checkpointing_kwargs={'use_reentrant': False} lets the forward be shared)")
-            return False
-        return True
+    def _reference_on_shift(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, shift: torch.Tensor):
+        """The trainer's reference on its embeddings plus ``shift`` (:data:`tidpo.weights.attribution.Reference`,
+        for ``log_ratio``)."""
+        return self.trainer.reference_logits(input_ids, attention_mask, embedding_shift=shift)
 
     def _policy_forward_with_attribution(self):
         """The policy forward from embedding leaves, and TI-DPO's raw importance from it (the graph is kept for
         the loss). With ``ti_attribution_target="log_ratio"`` the reference runs on its embeddings plus the shift
         (zero in value); its logits, detached, are then also the loss's reference logits: the same values as from
         the token ids."""
-        args, inputs = self.args, self.inputs
-        input_ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        input_ids, mask = self.inputs["input_ids"], self.inputs["attention_mask"]
         check_batch(input_ids, mask)
-        policy = self.trainer.accelerator.unwrap_model(self.model)
         gate = self.trainer.frozen_prefix_gate
         with self._timed("policy_forward"), gate.installed():
-            embeds = embedding_leaves(policy, input_ids)
+            embeds = embedding_leaves(self.trainer.accelerator.unwrap_model(self.model), input_ids)
             logits = self._forward(self.model, None, mask, inputs_embeds=embeds)
-        ref_logits = None
-        with self._timed("attribution"):
-            if args.ti_attribution_target == "log_ratio":
-                with gate.installed():
-                    ref_logits = self.trainer.reference_logits(input_ids, mask,
-                                                               embedding_shift=embedding_shift(embeds))
-            value = attribution_target(args.ti_attribution_target, logits, mask, inputs["labels"],
-                                       ref_logits=ref_logits, ignore_index=self.ignore_index)
-            with gate.open():  # the loss's backward, later, stops at the gate
-                (grad,) = torch.autograd.grad(value, embeds, retain_graph=True)
-            self._raw_importance = importance_from_gradient(grad, mask)
+        with self._timed("attribution"), gate.open():  # the loss's backward, later, stops at the gate
+            self._raw_importance, ref_logits = attribute(
+                logits, embeds, input_ids, mask, target=self.args.ti_attribution_target, labels=self.inputs["labels"],
+                reference=self._reference_on_shift, ignore_index=self.ignore_index, retain_graph=True)
         if ref_logits is not None and "ref_logits" not in self.__dict__:
             self.__dict__["ref_logits"] = ref_logits.detach()
         return logits
@@ -217,19 +173,16 @@ class TrainingBatch:
     def online_weights(self) -> torch.Tensor:
         """``[2B, T]`` TI-DPO weights: attribution of the current policy mixed with the Gaussian prior."""
         args = self.args
-        scores, reference = None, None
+        scores = None
         if self.shares_attribution_forward:
             self.policy_logits  # noqa: B018 - computes the raw importance with the forward
             scores = self._raw_importance
-        elif args.ti_attribution_target == "log_ratio":
-            def reference(input_ids, mask, shift):
-                return self.trainer.reference_logits(input_ids, mask, embedding_shift=shift)
         with self._timed("attribution"):
             weights = ti_dpo_token_weights(
                 self.trainer.accelerator.unwrap_model(self.model), self.inputs["input_ids"],
                 self.inputs["attention_mask"], self.inputs["labels"], lam=args.ti_lambda,
                 sigma_div=args.prior_sigma_div, scope=args.importance_scope, ignore_index=self.ignore_index,
-                importance=args.ti_importance, target=args.ti_attribution_target, reference=reference,
+                importance=args.ti_importance, target=args.ti_attribution_target, reference=self._reference_on_shift,
                 scores=scores)
             return next_token(weights, 0.0)
 

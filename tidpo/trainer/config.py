@@ -20,6 +20,7 @@ from tidpo.trainer.loss_registry import (
     LOSS_REGISTRY,
     REFERENCE_LOGITS,
     REFERENCE_NONE,
+    WEIGHTS_ONLINE,
     LossSpec,
     loss_help,
     method_fields,
@@ -135,8 +136,8 @@ class TokenWeightedDPOConfig(TrainingArguments):
     ti_attribution_target: str = field(default="top_logit", metadata=_help(
         "TI-DPO: the scalar whose input-embedding gradient is the token importance: top_logit (the released "
         "method: the top logit at the last position) | sequence_logp (sum_t log pi(y_t)) | log_ratio "
-        "(sum_t log pi(y_t) - log pi_ref(y_t), policy and reference on the same embeddings: needs the "
-        "adapter-disabled reference)", choices=TARGETS))
+        "(sum_t log pi(y_t) - log pi_ref(y_t), policy and reference reading each token's embedding plus one "
+        "shared shift)", choices=TARGETS))
     ti_shared_forward: bool = field(default=True, metadata=_help(
         "TI-DPO: take the attribution gradient from the loss's own policy forward (embeddings as autograd "
         "leaves, graph retained) when that forward is deterministic (no dropout active, no reentrant gradient "
@@ -277,6 +278,11 @@ class TokenWeightedDPOConfig(TrainingArguments):
     def loss_spec(self) -> LossSpec:
         """The chosen loss's entry of :data:`~tidpo.trainer.loss_registry.LOSS_REGISTRY`."""
         return LOSS_REGISTRY[self.loss]
+
+    @property
+    def attributes_online(self) -> bool:
+        """Whether the loss computes TI-DPO's gradient attribution of the policy at every step."""
+        return self.loss_spec.weights == WEIGHTS_ONLINE and self.ti_importance == "gradient"
 
     @property
     def reference_need(self) -> str:

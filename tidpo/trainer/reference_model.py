@@ -9,8 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from tidpo.data.collator import next_token
 from tidpo.ops import token_logps
-from tidpo.trainer.batch import next_token
 
 
 def placement_of(model: nn.Module) -> str | None:

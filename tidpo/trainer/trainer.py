@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from tidpo._model_state import ConfigDropout, disable_dropout, eval_mode
+from tidpo._model_state import ConfigDropout, active_dropout, disable_dropout, eval_mode
 from tidpo._validation import IGNORE_INDEX
 from tidpo.data import PreferenceCollator, PreferenceDataset, load_preference_rows, tokenize_preference_rows
 from tidpo.data.collator import ALIGNED_BATCH_COLUMNS
@@ -24,7 +24,7 @@ from tidpo.trainer.anchors import end_of_turn_ids
 from tidpo.trainer.batch import TrainingBatch, model_logits
 from tidpo.trainer.config import TokenWeightedDPOConfig
 from tidpo.trainer.fused_head import add_fused_lm_head, head_of, transformers_model
-from tidpo.trainer.loss_registry import REFERENCE_LOGITS, REFERENCE_NONE, WEIGHTS_DATA, WEIGHTS_ONLINE
+from tidpo.trainer.loss_registry import REFERENCE_LOGITS, REFERENCE_NONE, WEIGHTS_DATA
 from tidpo.trainer.reference_model import frozen_copy, placement_of, precompute_reference_logps
 from tidpo.trainer.shared_forward import FrozenPrefixGate
 
@@ -173,6 +173,31 @@ class TokenWeightedDPOTrainer(Trainer):
             gate = self.__dict__["_frozen_prefix_gate"] = FrozenPrefixGate(self.accelerator.unwrap_model(self.model))
         return gate
 
+    def policy_forward_is_shareable(self) -> bool:
+        """Whether the policy's train-mode forward computes what an eval-mode forward would (no dropout active)
+        and ``autograd.grad`` can go through it (no reentrant gradient checkpointing), so that TI-DPO's
+        attribution may read the loss's forward. Decided once per :meth:`train` (the models' dropout does not
+        change while training); the reason for a separate pass is logged once."""
+        shareable = self.__dict__.get("_policy_forward_is_shareable")
+        if shareable is None:
+            shareable = self.__dict__["_policy_forward_is_shareable"] = self._policy_forward_shareable()
+        return shareable
+
+    def _policy_forward_shareable(self) -> bool:
+        policy = self.accelerator.unwrap_model(self.model)
+        dropout = active_dropout(policy)
+        if dropout:
+            self.log_once(f"TI-DPO: separate attribution pass (dropout is active in train mode: "
+                          f"{', '.join(dropout[:3])}{', ...' if len(dropout) > 3 else ''})")
+            return False
+        checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in policy.modules())
+        # transformers' default is the non-reentrant checkpoint, which autograd.grad can go through.
+        if checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+            self.log_once("TI-DPO: separate attribution pass (reentrant gradient checkpointing; "
+                          "gradient_checkpointing_kwargs={'use_reentrant': False} lets the forward be shared)")
+            return False
+        return True
+
     def log_once(self, message: str) -> None:
         """Log ``message`` at INFO level the first time it is given (a choice made at every step, said once)."""
         logged = self.__dict__.setdefault("_logged_once", set())
@@ -298,6 +323,7 @@ class TokenWeightedDPOTrainer(Trainer):
     def train(self, *args, **kwargs):
         """``Trainer.train``, with the dropout probabilities of the models' configs zeroed meanwhile."""
         self._metric_totals["train"].clear()
+        self.__dict__.pop("_policy_forward_is_shareable", None)  # decided anew, with the configs' dropout zeroed
         with self._config_dropout.zeroed():
             return super().train(*args, **kwargs)
 
@@ -455,8 +481,7 @@ def _carries_reference(dataset) -> bool:
 
 def _check_log_ratio_reference(args: TokenWeightedDPOConfig, model: nn.Module, ref_model: nn.Module) -> None:
     """TI-DPO's ``log_ratio`` attribution adds one embedding shift to both models: their widths must agree."""
-    if not (args.loss_spec.weights == WEIGHTS_ONLINE and args.ti_importance == "gradient"
-            and args.ti_attribution_target == "log_ratio"):
+    if not (args.attributes_online and args.ti_attribution_target == "log_ratio"):
         return
     width, ref_width = (m.get_input_embeddings().embedding_dim for m in (model, ref_model))
     if width != ref_width:

@@ -33,6 +33,7 @@ from torch import nn
 
 from tidpo._model_state import eval_mode
 from tidpo._validation import IGNORE_INDEX, check_choice
+from tidpo.data.collator import next_token
 from tidpo.ops import token_logps
 from tidpo.weights.ti import mix_importance
 
@@ -52,12 +53,6 @@ def embedding_shift(embeds: torch.Tensor) -> torch.Tensor:
     """A tensor equal to 0 whose gradient w.r.t. ``embeds`` is the identity: what the reference adds to its own
     embeddings so that ``log_ratio``'s reference term differentiates w.r.t. the same leaves as the policy's."""
     return embeds - embeds.detach()
-
-
-def next_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """``[R, T]`` labels moved one step left (``ignore_index`` last): position ``t`` holds the token that
-    ``logits[:, t]`` predicts."""
-    return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], dim=1)
 
 
 def embedding_leaves(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -110,16 +105,37 @@ def attribution_target(target: str, logits, attention_mask: torch.Tensor, labels
     if target == "log_ratio" and ref_logits is None:
         raise ValueError("target='log_ratio' needs ref_logits: the reference, differentiable w.r.t. the same "
                          "embedding leaves")
-    y = next_labels(labels, ignore_index)
+    y = next_token(labels, ignore_index)
     value = token_logps(logits, y, ignore_index).sum()
     if target == "log_ratio":
         value = value - token_logps(ref_logits, y, ignore_index).sum()
     return value
 
 
-def importance_from_gradient(grad: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``I_i = ||grad_i||_1`` ``[R, T]`` fp32, 0 on padding (Eq. 6)."""
-    return grad.float().abs().sum(-1) * attention_mask.to(torch.float32)
+def attribute(logits, embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, target: str,
+              labels: torch.Tensor | None = None, reference: Reference | None = None,
+              ignore_index: int = IGNORE_INDEX, retain_graph: bool = False):
+    """The raw importance ``I`` ``[R, T]`` (fp32, 0 on padding) from a forward already run on ``embeds``.
+
+    Args:
+        logits: the policy's logits from ``inputs_embeds=embeds`` (tensor or :class:`tidpo.FusedLogits`).
+        embeds: ``[R, T, H]``, differentiable (:func:`embedding_leaves`).
+        input_ids / attention_mask / labels / target / reference / ignore_index: as in :func:`token_importance`.
+        retain_graph: keep the forward's graph (a loss backpropagates through it afterwards).
+
+    Returns:
+        ``(importance, ref_logits)``: ``ref_logits`` the reference's logits with their graph for ``log_ratio``,
+        else ``None``.
+    """
+    if target == "log_ratio" and reference is None:
+        raise ValueError("target='log_ratio' needs reference: the reference model (see Reference)")
+    ref_logits = (reference(input_ids, attention_mask, embedding_shift(embeds)) if target == "log_ratio"
+                  else None)
+    value = attribution_target(target, logits, attention_mask, labels, ref_logits=ref_logits,
+                               ignore_index=ignore_index)
+    (grad,) = torch.autograd.grad(value, embeds, retain_graph=retain_graph)
+    # I_i = ||grad_i||_1 (Eq. 6)
+    return grad.float().abs().sum(-1) * attention_mask.to(torch.float32), ref_logits
 
 
 def check_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
@@ -159,12 +175,9 @@ def token_importance(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     with eval_mode(model), torch.enable_grad():
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_(True)
         logits = model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
-        ref_logits = (reference(input_ids, attention_mask, embedding_shift(embeds)) if target == "log_ratio"
-                      else None)
-        value = attribution_target(target, logits, attention_mask, labels, ref_logits=ref_logits,
-                                   ignore_index=ignore_index)
-        (grad,) = torch.autograd.grad(value, embeds)
-    return importance_from_gradient(grad, attention_mask)
+        importance, _ = attribute(logits, embeds, input_ids, attention_mask, target=target, labels=labels,
+                                  reference=reference, ignore_index=ignore_index)
+    return importance
 
 
 def ti_dpo_token_weights(model: nn.Module | None, input_ids: torch.Tensor, attention_mask: torch.Tensor,
