@@ -25,8 +25,16 @@ from torch import nn
 
 from tidpo._model_state import eval_mode
 from tidpo._validation import IGNORE_INDEX, check_int, check_number
+from tidpo.trainer.fused_head import transformers_model
+from tidpo.trainer.prompt_cache import cache_keyword
 
 ANCHOR_SOURCES = ("prompt", "chosen")
+
+
+def prompt_lengths(attention_mask: torch.Tensor, labels: torch.Tensor,
+                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``[R]`` long: the prompt tokens of each of the collator's rows (its tokens that are not response)."""
+    return attention_mask.long().sum(-1) - (labels != ignore_index).sum(-1)
 
 
 def chosen_prefix_context(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
@@ -53,7 +61,7 @@ def chosen_prefix_context(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     check_int(num_pairs, "num_pairs", low=1, high=input_ids.shape[0] // 2)
     ids, mask, lab = input_ids[:num_pairs], attention_mask[:num_pairs], labels[:num_pairs]
     response_len = (lab != ignore_index).sum(-1)
-    prompt_len = mask.long().sum(-1) - response_len
+    prompt_len = prompt_lengths(mask, lab, ignore_index)
     prefix = torch.floor(fraction * (response_len - 1).clamp(min=0).double()).long()
     context_len = prompt_len + prefix
     # One host read of the widest context: generate() synchronises on every token anyway.
@@ -91,7 +99,7 @@ def through_first_eos(generated: torch.Tensor, eos_token_id: int | Sequence[int]
 def sample_anchors(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, pad_token_id: int,
                    eos_token_id: int | Sequence[int] | None, max_new_tokens: int = 64, top_k: int = 50,
                    top_p: float = 0.95, temperature: float = 0.8, prefix_lengths: torch.Tensor | None = None,
-                   ignore_index: int = IGNORE_INDEX) -> dict[str, torch.Tensor]:
+                   ignore_index: int = IGNORE_INDEX, cache=None) -> dict[str, torch.Tensor]:
     """Sample one anchor response per context under ``no_grad`` (eval mode, restored afterwards).
 
     Args:
@@ -102,6 +110,9 @@ def sample_anchors(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
             (the chosen prefix); ``None`` = 0 (the anchor is only what is sampled).
         ignore_index: the label of positions outside the anchor response.
         top_k / top_p / temperature / max_new_tokens: the sampling settings (``do_sample=True``).
+        cache: the keys and values of every context column but the last, in the contexts' layout (a
+            :func:`tidpo.trainer.prompt_cache.prefix_cache` of each row's context length minus one): the
+            generation then runs no prefill. It is consumed (``generate`` appends to it).
 
     Returns:
         ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, P + G]`` in the collator's layout: each row
@@ -114,10 +125,16 @@ def sample_anchors(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torc
                          f"{tuple(prompt_mask.shape)}")
     if eos_token_id is None:
         eos_token_id = end_of_turn_ids(model, None)
+    given = {}
+    if cache is not None:
+        if cache.get_seq_length() != prompt_ids.shape[1] - 1:
+            raise ValueError(f"cache must hold the contexts' first P - 1 = {prompt_ids.shape[1] - 1} columns, it "
+                             f"holds {cache.get_seq_length()}")
+        given = {cache_keyword(transformers_model(model)): cache}
     with eval_mode(model), torch.no_grad():
         out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, top_k=top_k,
                              top_p=top_p, temperature=temperature, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad_token_id, eos_token_id=eos_token_id)
+                             pad_token_id=pad_token_id, eos_token_id=eos_token_id, **given)
     width = prompt_ids.shape[1]
     generated = out[:, width:]
     keep = torch.ones_like(generated, dtype=torch.bool)

@@ -18,19 +18,35 @@ from tidpo.data.collator import next_token
 from tidpo.losses import TripletAnchor
 from tidpo.losses.output import per_pair
 from tidpo.ops import token_logps
-from tidpo.trainer.anchors import chosen_prefix_context, sample_anchors
-from tidpo.trainer.fused_head import FUSED_KWARG
+from tidpo.trainer.anchors import chosen_prefix_context, prompt_lengths, sample_anchors
+from tidpo.trainer.fused_head import FUSED_KWARG, transformers_model
+from tidpo.trainer.prompt_cache import (
+    cache_keyword,
+    continuation_inputs,
+    is_plain_cache,
+    left_padding_mask,
+    prefix_cache,
+    returned_cache,
+)
 from tidpo.weights.attribution import attribute, check_batch, embedding_leaves, ti_dpo_token_weights, weight_entropy
 
 
-def model_logits(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *, fused: bool,
-                 inputs_embeds: torch.Tensor | None = None):
-    """``[R, T, V]`` logits of ``model`` (no slice), or with ``fused`` the last hidden state under its LM head
-    (:class:`tidpo.FusedLogits`, see :mod:`tidpo.trainer.fused_head`). From ``inputs_embeds`` instead of
-    ``input_ids`` when given."""
+def model_output(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *, fused: bool,
+                 inputs_embeds: torch.Tensor | None = None, **forward_kwargs):
+    """The output of one forward of ``model`` (no cache unless ``use_cache=True`` is given): ``.logits``
+    ``[R, T, V]`` (no slice), or with ``fused`` the last hidden state under its LM head (:class:`tidpo.FusedLogits`,
+    see :mod:`tidpo.trainer.fused_head`). From ``inputs_embeds`` instead of ``input_ids`` when given;
+    ``forward_kwargs`` (``position_ids``, a cache) go to the model."""
     extra = {FUSED_KWARG: True} if fused else {}
     tokens = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-    return model(**tokens, attention_mask=attention_mask, use_cache=False, **extra).logits
+    forward_kwargs.setdefault("use_cache", False)
+    return model(**tokens, attention_mask=attention_mask, **extra, **forward_kwargs)
+
+
+def model_logits(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *, fused: bool,
+                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    """``.logits`` of :func:`model_output`."""
+    return model_output(model, input_ids, attention_mask, fused=fused, inputs_embeds=inputs_embeds).logits
 
 
 class TrainingBatch:
@@ -53,6 +69,9 @@ class TrainingBatch:
         #: ``policy_forward``, ``reference_forward``, ``attribution``, ``anchor_sampling``, ``anchor_scoring``.
         self.part_seconds: dict[str, float] = {}
         self._raw_importance: torch.Tensor | None = None
+        #: The key/value caches of the pair forwards (``"policy"``, ``"reference"``), kept for the anchors
+        #: (:attr:`reuses_prompt_cache`).
+        self._caches: dict[str, object] = {}
 
     @contextlib.contextmanager
     def _timed(self, part: str):
@@ -81,7 +100,8 @@ class TrainingBatch:
         if self.shares_attribution_forward:
             return self._policy_forward_with_attribution()
         with self._timed("policy_forward"):
-            return self._forward(self.model, self.inputs["input_ids"], self.inputs["attention_mask"])
+            return self._forward(self.model, self.inputs["input_ids"], self.inputs["attention_mask"],
+                                 keep_cache=self.reuses_prompt_cache)
 
     @cached_property
     def chosen_labels(self) -> torch.Tensor:
@@ -98,9 +118,15 @@ class TrainingBatch:
             return self._forward(self.model, self.inputs["input_ids"][rows], self.inputs["attention_mask"][rows])
 
     def _forward(self, model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *,
-                 inputs_embeds: torch.Tensor | None = None):
-        return model_logits(model, input_ids, attention_mask, fused=self.args.fused_lm_head,
-                            inputs_embeds=inputs_embeds)
+                 inputs_embeds: torch.Tensor | None = None, keep_cache: bool = False):
+        """The policy's logits; with ``keep_cache`` its key/value cache is kept for the anchors."""
+        if not keep_cache:
+            return model_logits(model, input_ids, attention_mask, fused=self.args.fused_lm_head,
+                                inputs_embeds=inputs_embeds)
+        output = model_output(model, input_ids, attention_mask, fused=self.args.fused_lm_head,
+                              inputs_embeds=inputs_embeds, use_cache=True)
+        self._caches["policy"] = returned_cache(output)
+        return output.logits
 
     # -- reference ---------------------------------------------------------------------------------------
     @cached_property
@@ -108,7 +134,16 @@ class TrainingBatch:
         """``[2B, T, V]`` reference logits (no grad, in the policy's precision context; fused with
         ``fused_lm_head``)."""
         with self._timed("reference_forward"):
-            return self.trainer.reference_logits(self.inputs["input_ids"], self.inputs["attention_mask"])
+            return self._reference(self.inputs["input_ids"], self.inputs["attention_mask"])
+
+    def _reference(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   shift: torch.Tensor | None = None) -> torch.Tensor:
+        """The reference's logits of the pair rows; its key/value cache is kept for the anchors (detached)."""
+        if not self.reuses_prompt_cache:
+            return self.trainer.reference_logits(input_ids, attention_mask, embedding_shift=shift)
+        output = self.trainer.reference_output(input_ids, attention_mask, embedding_shift=shift, use_cache=True)
+        self._caches["reference"] = returned_cache(output)
+        return output.logits
 
     @cached_property
     def ref_logps(self) -> torch.Tensor:
@@ -145,10 +180,21 @@ class TrainingBatch:
         return (self.args.attributes_online and self.args.ti_shared_forward and torch.is_grad_enabled()
                 and self.model.training and self.trainer.policy_forward_is_shareable())
 
+    @cached_property
+    def reuses_prompt_cache(self) -> bool:
+        """Whether TI-DPO's anchors read the prompt's keys and values from the loss's pair forwards
+        (:mod:`tidpo.trainer.prompt_cache`): the policy's to sample (no prefill) and to score (with its graph, so
+        the gradient is the full forward's), the reference's to score. With anchors (``gamma > 0``) and
+        ``ti_shared_forward``, while training, where
+        :meth:`~tidpo.trainer.TokenWeightedDPOTrainer.policy_forward_is_shareable` (the policy's train-mode forward
+        is the eval-mode one the sampling runs)."""
+        return (self.args.samples_anchors and self.args.ti_shared_forward and torch.is_grad_enabled()
+                and self.model.training and self.trainer.policy_forward_is_shareable())
+
     def _reference_on_shift(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, shift: torch.Tensor):
         """The trainer's reference on its embeddings plus ``shift`` (:data:`tidpo.weights.attribution.Reference`,
         for ``log_ratio``)."""
-        return self.trainer.reference_logits(input_ids, attention_mask, embedding_shift=shift)
+        return self._reference(input_ids, attention_mask, shift)
 
     def _policy_forward_with_attribution(self):
         """The policy forward from embedding leaves, and TI-DPO's raw importance from it (the graph is kept for
@@ -160,7 +206,7 @@ class TrainingBatch:
         gate = self.trainer.frozen_prefix_gate
         with self._timed("policy_forward"), gate.installed():
             embeds = embedding_leaves(self.trainer.accelerator.unwrap_model(self.model), input_ids)
-            logits = self._forward(self.model, None, mask, inputs_embeds=embeds)
+            logits = self._forward(self.model, None, mask, inputs_embeds=embeds, keep_cache=self.reuses_prompt_cache)
         with self._timed("attribution"), gate.open():  # the loss's backward, later, stops at the gate
             self._raw_importance, ref_logits = attribute(
                 logits, embeds, input_ids, mask, target=self.args.ti_attribution_target, labels=self.inputs["labels"],
@@ -206,25 +252,74 @@ class TrainingBatch:
     # -- TI-DPO anchors ----------------------------------------------------------------------------------
     @cached_property
     def anchor(self) -> TripletAnchor:
-        """One response per pair sampled from the policy (no grad), scored with gradients for the triplet term."""
-        args, trainer = self.args, self.trainer
+        """One response per pair sampled from the policy (no grad), scored with gradients for the triplet term.
+
+        With :attr:`reuses_prompt_cache`, the pair forwards (which the loss needs anyway) run first and lend
+        the anchors their prompt's keys and values; otherwise the sampling prefills its context and the
+        scoring runs the whole anchor sequences.
+        """
+        args, trainer, inputs, rows = self.args, self.trainer, self.inputs, slice(0, self.num_pairs)
         pad_token_id = trainer.processing_class.pad_token_id
-        context, context_mask, prefix = self.inputs["prompt_input_ids"], self.inputs["prompt_attention_mask"], None
+        prompt_length = prompt_lengths(inputs["attention_mask"][rows], inputs["labels"][rows], self.ignore_index)
+        context, context_mask, prefix = inputs["prompt_input_ids"], inputs["prompt_attention_mask"], None
         if args.anchor_source == "chosen":
             context, context_mask, prefix = chosen_prefix_context(
-                self.inputs["input_ids"], self.inputs["attention_mask"], self.inputs["labels"],
-                num_pairs=self.num_pairs, fraction=args.anchor_chosen_fraction, pad_token_id=pad_token_id,
-                ignore_index=self.ignore_index)
+                inputs["input_ids"], inputs["attention_mask"], inputs["labels"], num_pairs=self.num_pairs,
+                fraction=args.anchor_chosen_fraction, pad_token_id=pad_token_id, ignore_index=self.ignore_index)
+        policy_cache, reference_cache = self._pair_caches()
         with self._timed("anchor_sampling"):
+            context_length = prompt_length if prefix is None else prompt_length + prefix
+            # The context's last token is run by generate(): it gives the first sampled token's logits.
+            generation_cache = prefix_cache(policy_cache, context_length - 1)
             sampled = sample_anchors(
                 trainer.accelerator.unwrap_model(self.model), context, context_mask, pad_token_id=pad_token_id,
                 eos_token_id=trainer.end_of_turn_ids, max_new_tokens=args.anchor_max_new_tokens,
                 top_k=args.anchor_top_k, top_p=args.anchor_top_p, temperature=args.anchor_temperature,
-                prefix_lengths=prefix, ignore_index=self.ignore_index)
+                prefix_lengths=prefix, ignore_index=self.ignore_index, cache=generation_cache)
         with self._timed("anchor_scoring"):
-            logits = self._forward(self.model, sampled["input_ids"], sampled["attention_mask"])
-            labels = next_token(sampled["labels"], self.ignore_index)
-            ref_logits = trainer.reference_logits(sampled["input_ids"], sampled["attention_mask"])
-            with torch.no_grad():
-                ref_logps = token_logps(ref_logits, labels, **self.op_kwargs)
+            return self._score_anchor(sampled, prompt_length, policy_cache, reference_cache)
+
+    def _pair_caches(self) -> tuple[object | None, object | None]:
+        """The policy's and the reference's caches of the pair rows, when both can be cut
+        (:attr:`reuses_prompt_cache` and :func:`~tidpo.trainer.prompt_cache.is_plain_cache`); else ``(None, None)``
+        and the reason logged once."""
+        if not self.reuses_prompt_cache:
+            return None, None
+        self.policy_logits, self.ref_logits  # noqa: B018 - the pair forwards, which keep their caches
+        caches = self._caches.get("policy"), self._caches.get("reference")
+        if None in caches:
+            reason = "the pair forwards returned no key/value cache, e.g. under gradient checkpointing"
+        elif not all(map(is_plain_cache, caches)):
+            reason = "the model's key/value cache is not a plain one: sliding-window or hybrid layers"
+        else:
+            return caches
+        self.trainer.log_once(f"TI-DPO anchors: the prompt is run anew ({reason})")
+        return None, None
+
+    def _score_anchor(self, sampled: dict[str, torch.Tensor], prompt_length: torch.Tensor, policy_cache,
+                      reference_cache) -> TripletAnchor:
+        """The anchor's policy logits (with gradients) and reference log-probs; from the prompt's last token on
+        when both caches are given (the earlier columns predict no anchor token)."""
+        trainer = self.trainer
+        start = (prompt_length - 1).clamp(min=0)
+        # The policy's cache keeps its graph from the first layer that trains (the gate's, or 0 without one).
+        caches = (prefix_cache(policy_cache, start, graph_from=trainer.frozen_prefix_gate.index),
+                  prefix_cache(reference_cache, start))
+        ids, mask, labels = sampled["input_ids"], sampled["attention_mask"], sampled["labels"]
+        policy_extra = reference_extra = {}
+        if None not in caches:
+            rest = continuation_inputs(ids, mask, labels, start, pad_token_id=trainer.processing_class.pad_token_id,
+                                       ignore_index=self.ignore_index)
+            ids, labels = rest["input_ids"], rest["labels"]
+            mask = torch.cat([left_padding_mask(start, mask.dtype), rest["attention_mask"]], dim=1)
+            common = {"position_ids": rest["position_ids"], "use_cache": True}
+            policy = trainer.accelerator.unwrap_model(self.model)
+            reference = policy if trainer.ref_model is None else trainer.accelerator.unwrap_model(trainer.ref_model)
+            policy_extra = {**common, cache_keyword(transformers_model(policy)): caches[0]}
+            reference_extra = {**common, cache_keyword(transformers_model(reference)): caches[1]}
+        logits = model_output(self.model, ids, mask, fused=self.args.fused_lm_head, **policy_extra).logits
+        labels = next_token(labels, self.ignore_index)
+        ref_logits = trainer.reference_output(ids, mask, **reference_extra).logits
+        with torch.no_grad():
+            ref_logps = token_logps(ref_logits, labels, **self.op_kwargs)
         return TripletAnchor(logits, labels, ref_logps=ref_logps)

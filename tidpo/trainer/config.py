@@ -68,7 +68,8 @@ class TokenWeightedDPOConfig(TrainingArguments):
                                            text); ``ti_preset="official"`` = the code's values;
                                            ``ti_attribution_target`` top_logit (released) /
                                            sequence_logp / log_ratio; ``ti_shared_forward``: the
-                                           attribution reads the loss's forward when dropout is off
+                                           attribution and the anchors' prompt cache read the loss's
+                                           forwards when dropout is off
     ``beta``                    0.1        inverse temperature β of every loss (> 0)
     ``alpha``                   0.5        TDPO2 / token-level TIS-DPO KL weight α (≥ 0)
     ``label_smoothing``         0.0        conservative DPO ε in [0, 0.5) (``dpo`` only)
@@ -140,9 +141,11 @@ class TokenWeightedDPOConfig(TrainingArguments):
         "shared shift)", choices=TARGETS))
     ti_shared_forward: bool = field(default=True, metadata=_help(
         "TI-DPO: take the attribution gradient from the loss's own policy forward (embeddings as autograd "
-        "leaves, graph retained) when that forward is deterministic (no dropout active, no reentrant gradient "
-        "checkpointing), instead of a separate eval-mode forward; --no-ti-shared-forward keeps the separate "
-        "pass (less memory: the graph down to the embeddings is not kept)"))
+        "leaves, graph retained), and the anchors' prompt keys/values from the loss's policy and reference "
+        "forwards (no prefill; the anchor is scored from the prompt's last token on), when that forward is "
+        "deterministic (no dropout active, no reentrant gradient checkpointing); --no-ti-shared-forward keeps "
+        "the separate eval-mode attribution pass and runs the anchors' prompts anew (less memory: the graph "
+        "down to the embeddings is not kept)"))
     importance_scope: str = field(default="response", metadata=_help(
         "TI-DPO weights over the response tokens (paper) | over the whole sequence (official code: sequence)",
         choices=SCOPES))
@@ -283,6 +286,11 @@ class TokenWeightedDPOConfig(TrainingArguments):
     def attributes_online(self) -> bool:
         """Whether the loss computes TI-DPO's gradient attribution of the policy at every step."""
         return self.loss_spec.weights == WEIGHTS_ONLINE and self.ti_importance == "gradient"
+
+    @property
+    def samples_anchors(self) -> bool:
+        """Whether the loss samples TI-DPO's anchors at every step (the triplet term, ``gamma > 0``)."""
+        return self.loss == "ti_dpo" and self.gamma > 0
 
     @property
     def reference_need(self) -> str:

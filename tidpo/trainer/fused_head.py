@@ -23,6 +23,7 @@ import torch
 from transformers.modeling_outputs import ModelOutput
 
 from tidpo.ops.lm_head import FusedLogits, LMHead
+from tidpo.trainer.prompt_cache import returned_cache
 
 #: The forward keyword that selects the fused head.
 FUSED_KWARG = "tidpo_fused_lm_head"
@@ -37,6 +38,8 @@ class FusedHeadOutput(ModelOutput):
 
     last_hidden_state: torch.Tensor | None = None
     logits: FusedLogits | None = None
+    #: The backbone's key/value cache when the forward was asked for one (``use_cache=True``).
+    cache: object | None = None
 
 
 def transformers_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -72,14 +75,14 @@ def add_fused_lm_head(model: torch.nn.Module) -> None:
     def forward(self, *args, **kwargs):
         if not kwargs.pop(FUSED_KWARG, False):
             return original(*args, **kwargs)
-        kwargs["use_cache"] = False
+        kwargs.setdefault("use_cache", False)
         for unused in ("labels", "logits_to_keep", "num_items_in_batch"):
             kwargs.pop(unused, None)
-        hidden = self.base_model(*args, **kwargs).last_hidden_state
+        output = self.base_model(*args, **kwargs)
         head = head_of(self)
         # With a device_map the backbone may end on another device than the head.
-        hidden = hidden.to(head.weight.device)
-        return FusedHeadOutput(last_hidden_state=hidden, logits=head(hidden))
+        hidden = output.last_hidden_state.to(head.weight.device)
+        return FusedHeadOutput(last_hidden_state=hidden, logits=head(hidden), cache=returned_cache(output))
 
     inner.forward = types.MethodType(forward, inner)
     inner._tidpo_fused_forward = forward

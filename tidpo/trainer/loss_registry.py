@@ -117,7 +117,7 @@ def _tis_dpo(batch: TrainingBatch) -> LossOutput:
 def _ti_dpo(batch: TrainingBatch) -> LossOutput:
     args = batch.args
     weights = batch.online_weights  # before the anchor: the attribution's time is measured on its own
-    anchor = batch.anchor if args.gamma > 0 else None
+    anchor = batch.anchor if args.samples_anchors else None
     out = ti_dpo_loss(batch.policy_logits, batch.ref_logits, batch.labels, weights, beta=args.beta,
                       alpha=args.alpha, gamma=args.gamma, triplet_margin=args.triplet_margin, anchor=anchor,
                       kl_coef=args.kl_coef, **batch.op_kwargs)

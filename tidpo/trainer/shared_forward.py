@@ -55,6 +55,8 @@ class FrozenPrefixGate:
 
     def __init__(self, model: nn.Module):
         self.layer: nn.Module | None = None
+        #: The gated layer's index among the decoder layers (its key/value cache layer), or 0 without a gate.
+        self.index = 0
         self._state = _GateState()
         layers = decoder_layers(model)
         trains = [any(p.requires_grad for p in layer.parameters()) for layer in layers]
@@ -63,7 +65,7 @@ class FrozenPrefixGate:
         first = trains.index(True)
         inside = {id(p) for layer in layers[first:] for p in layer.parameters()}
         if all(id(p) in inside for p in model.parameters() if p.requires_grad):
-            self.layer = layers[first]
+            self.layer, self.index = layers[first], first
 
     def _hook(self, module, args, kwargs):
         if args:

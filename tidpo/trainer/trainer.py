@@ -21,7 +21,7 @@ from tidpo.data.collator import ALIGNED_BATCH_COLUMNS
 from tidpo.losses import PreferenceLossOutput
 from tidpo.losses.output import per_pair
 from tidpo.trainer.anchors import end_of_turn_ids
-from tidpo.trainer.batch import TrainingBatch, model_logits
+from tidpo.trainer.batch import TrainingBatch, model_output
 from tidpo.trainer.config import TokenWeightedDPOConfig
 from tidpo.trainer.fused_head import add_fused_lm_head, head_of, transformers_model
 from tidpo.trainer.loss_registry import REFERENCE_LOGITS, REFERENCE_NONE, WEIGHTS_DATA
@@ -176,8 +176,8 @@ class TokenWeightedDPOTrainer(Trainer):
     def policy_forward_is_shareable(self) -> bool:
         """Whether the policy's train-mode forward computes what an eval-mode forward would (no dropout active)
         and ``autograd.grad`` can go through it (no reentrant gradient checkpointing), so that TI-DPO's
-        attribution may read the loss's forward. Decided once per :meth:`train` (the models' dropout does not
-        change while training); the reason for a separate pass is logged once."""
+        attribution and anchors may read the loss's forward. Decided once per :meth:`train` (the models' dropout
+        does not change while training); the reason for a separate pass is logged once."""
         shareable = self.__dict__.get("_policy_forward_is_shareable")
         if shareable is None:
             shareable = self.__dict__["_policy_forward_is_shareable"] = self._policy_forward_shareable()
@@ -187,13 +187,15 @@ class TokenWeightedDPOTrainer(Trainer):
         policy = self.accelerator.unwrap_model(self.model)
         dropout = active_dropout(policy)
         if dropout:
-            self.log_once(f"TI-DPO: separate attribution pass (dropout is active in train mode: "
+            self.log_once(f"TI-DPO: separate attribution pass, anchors without the loss's prompt cache (dropout is "
+                          f"active in train mode: "
                           f"{', '.join(dropout[:3])}{', ...' if len(dropout) > 3 else ''})")
             return False
         checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in policy.modules())
         # transformers' default is the non-reentrant checkpoint, which autograd.grad can go through.
         if checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
-            self.log_once("TI-DPO: separate attribution pass (reentrant gradient checkpointing; "
+            self.log_once("TI-DPO: separate attribution pass, anchors without the loss's prompt cache (reentrant "
+                          "gradient checkpointing; "
                           "gradient_checkpointing_kwargs={'use_reentrant': False} lets the forward be shared)")
             return False
         return True
@@ -263,12 +265,19 @@ class TokenWeightedDPOTrainer(Trainer):
         reads its own embeddings of ``input_ids`` plus the shift and keeps the graph to it; its parameters get no
         gradient (frozen, or adapters disabled).
         """
+        return self.reference_output(input_ids, attention_mask, embedding_shift=embedding_shift).logits
+
+    def reference_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                         embedding_shift: torch.Tensor | None = None, **forward_kwargs):
+        """The reference's whole output (see :meth:`reference_logits`); ``forward_kwargs`` go to the model
+        (``use_cache=True`` for its key/value cache, ``position_ids``, a cache to continue)."""
+        fused = self.args.fused_lm_head
         if embedding_shift is None:
             with torch.no_grad(), self.accelerator.autocast(), self._reference_model() as ref:
-                return model_logits(ref, input_ids, attention_mask, fused=self.args.fused_lm_head)
+                return model_output(ref, input_ids, attention_mask, fused=fused, **forward_kwargs)
         with self.accelerator.autocast(), self._reference_model() as ref:
             embeds = self.accelerator.unwrap_model(ref).get_input_embeddings()(input_ids) + embedding_shift
-            return model_logits(ref, None, attention_mask, fused=self.args.fused_lm_head, inputs_embeds=embeds)
+            return model_output(ref, None, attention_mask, fused=fused, inputs_embeds=embeds, **forward_kwargs)
 
     def _precompute_reference(self) -> None:
         datasets = [("train_dataset", self.train_dataset)]
