@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m benchmarks.ti_dpo_cost [--steps 6] [--variants dpo,ti_dpo,ti_dpo_chosen,ti_dpo_separate]
+    python -m benchmarks.ti_dpo_cost [--steps 6] [--rounds 1] [--variants dpo,ti_dpo,ti_dpo_chosen,ti_dpo_separate]
                                      [--memory] [--out benchmarks/results] [--name STEM]
 
 Every variant trains the embedded SmolLM2-135M-Instruct on the embedded pairs with the README's settings
@@ -12,11 +12,14 @@ CPU), one after the
 other in one worker process:
 
 - ``dpo``: ``--loss dpo``;
-- ``ti_dpo``: ``--loss ti_dpo`` (anchors from the prompt, the default; attribution from the loss's forward);
+- ``ti_dpo``: ``--loss ti_dpo`` (anchors from the prompt, the default; the attribution and the anchors' prompt
+  keys/values from the loss's forwards);
 - ``ti_dpo_chosen``: the same with ``--anchor-source chosen`` (anchors continue half the chosen response);
-- ``ti_dpo_separate``: ``--no-ti-shared-forward``: the attribution in its own eval-mode forward.
+- ``ti_dpo_separate``: ``--no-ti-shared-forward``: the attribution in its own eval-mode forward, the anchors'
+  prompts run anew (prefill, and scoring over the whole sequences).
 
-Measured per variant: the median over steps 2..N (step 1 warms up) of the optimiser step's wall time and of
+Measured per variant: the median over steps 2..N (step 1 warms up; with ``--rounds R``, over those steps of R
+runs, every other round in reverse order) of the optimiser step's wall time and of
 each part the trainer times (:attr:`tidpo.trainer.TokenWeightedDPOTrainer.step_part_seconds`: policy and
 reference forwards, attribution, anchor sampling, anchor scoring; the rest of the micro-step is the loss and
 the backward, and the rest of the optimiser step the optimiser); with ``--memory`` also the extra peak resident
@@ -106,19 +109,35 @@ def run_variant(name: str, steps: int, output_dir: str) -> dict:
     trainer.train()
     peak = _maxrss_bytes()
     timed = clock.steps[1:] or clock.steps
-    median = {key: statistics.median(step.get(key, 0.0) for step in timed)
-              for key in ("optimizer_step", "step", *PARTS)}
-    median["loss_and_backward"] = median["step"] - sum(median[p] for p in PARTS)
-    median["optimizer"] = median["optimizer_step"] - median["step"]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     decode = None
     if config.loss == "ti_dpo":
         decode = decode_step_seconds(trainer.model, config.per_device_train_batch_size)
     del trainer
     gc.collect()
-    return {"variant": name, "flags": VARIANTS[name], "steps": clock.steps, "median_s": median,
-            "extra_peak_bytes": peak - base, "peak_reset": reset, "losses": losses, "decode_step_s": decode,
+    return {"variant": name, "flags": VARIANTS[name], "steps": clock.steps, "timed_steps": timed,
+            "median_s": medians(timed), "extra_peak_bytes": peak - base, "peak_reset": reset, "losses": losses,
+            "decode_step_s": decode,
             "anchor_max_new_tokens": config.anchor_max_new_tokens if config.loss == "ti_dpo" else None}
+
+
+def medians(timed: list[dict]) -> dict:
+    """Median over the timed steps of the optimiser step, the micro-step and each part; the rest of the micro-step
+    is the loss and the backward, the rest of the optimiser step the optimiser."""
+    median = {key: statistics.median(step.get(key, 0.0) for step in timed)
+              for key in ("optimizer_step", "step", *PARTS)}
+    median["loss_and_backward"] = median["step"] - sum(median[p] for p in PARTS)
+    median["optimizer"] = median["optimizer_step"] - median["step"]
+    return median
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One variant's runs from several rounds as one: the medians over all their timed steps."""
+    timed = [step for run in runs for step in run["timed_steps"]]
+    decodes = [run["decode_step_s"] for run in runs if run["decode_step_s"] is not None]
+    return {**runs[0], "steps": [step for run in runs for step in run["steps"]], "timed_steps": timed,
+            "median_s": medians(timed), "rounds": len(runs),
+            "decode_step_s": statistics.median(decodes) if decodes else None}
 
 
 def _worker(spec: dict) -> dict:
@@ -127,12 +146,16 @@ def _worker(spec: dict) -> dict:
     import torch
 
     torch.manual_seed(0)
-    runs = []
+    by_variant: dict[str, list[dict]] = {name: [] for name in spec["variants"]}
     with tempfile.TemporaryDirectory() as output_dir:
-        for name in spec["variants"]:
-            runs.append(run_variant(name, spec["steps"], output_dir))
-            print(f"{name:16s} {runs[-1]['median_s']['optimizer_step']:.2f} s/step", file=sys.stderr, flush=True)
-    return {"runs": runs}
+        for round_index in range(spec.get("rounds", 1)):
+            # Every other round runs the variants in reverse, so that a slow spell of the machine does not
+            # fall on one variant only.
+            for name in spec["variants"][::-1] if round_index % 2 else spec["variants"]:
+                by_variant[name].append(run_variant(name, spec["steps"], output_dir))
+                print(f"round {round_index + 1}: {name:16s} "
+                      f"{by_variant[name][-1]['median_s']['optimizer_step']:.2f} s/step", file=sys.stderr, flush=True)
+    return {"runs": [pooled(runs) for runs in by_variant.values()]}
 
 
 def _spawn(spec: dict, *, memory: bool) -> dict:
@@ -156,7 +179,7 @@ def floor(runs: list[dict]) -> dict:
     (the shared-forward variant's ``attribution`` part, which is nothing else); sampling the anchors, at least
     ``anchor_max_new_tokens`` sequential decoding steps of the policy (each a forward of one token per row, on a
     CPU bound by reading the weights); and scoring them (the ``anchor_scoring`` part: a policy and a reference
-    forward over the anchors).
+    forward over the anchor tokens, the prompt's keys and values taken from the loss's forwards).
     """
     by = {r["variant"]: r for r in runs}
     if "dpo" not in by or "ti_dpo" not in by:
@@ -183,7 +206,8 @@ def markdown(results: dict) -> str:
     v = results["versions"]
     lines = [f"{results['device']['name']}, torch {v['torch']}, transformers {v.get('transformers')}, peft "
              f"{v.get('peft')}, {results['date'][:10]}; `tidpo train {' '.join(SETTINGS)}` + the variant's flags, "
-             f"{results['steps']} steps, median of steps 2..{results['steps']}; one process.", "",
+             f"{results['steps']} steps × {results.get('rounds', 1)} round(s) (alternating order), median of steps "
+             f"2..{results['steps']} of every round; one process.", "",
              "| variant | step s | ratio to DPO | " + " | ".join(PARTS) + " | loss + backward | optimizer | "
              "extra peak MiB |", "|---" * (len(PARTS) + 6) + "|"]
     ratio = results["ratios"]
@@ -206,7 +230,11 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ti_dpo_cost", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=6, help="optimiser steps per variant and round (the first "
+                        "of each warms up)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every variant this many times, in alternating order, and take the medians over "
+                             "all their timed steps (steadier on a noisy machine)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--memory", action="store_true",
                         help="also each variant's extra peak memory (a fresh process per variant, 2 steps)")
@@ -221,10 +249,12 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--variants must come from {', '.join(VARIANTS)}, got {args.variants!r}")
     if args.steps < 2:
         raise SystemExit(f"--steps must be >= 2 (step 1 warms up), got {args.steps}")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
 
     from benchmarks.timing import describe_device, versions, write_results
 
-    spec = {"variants": variants, "steps": args.steps}
+    spec = {"variants": variants, "steps": args.steps, "rounds": args.rounds}
     runs = _spawn(spec, memory=False)["runs"]
     if args.memory:
         for run in runs:
@@ -236,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     now = _dt.datetime.now().astimezone()
     results = {"date": now.isoformat(timespec="seconds"), "device": describe_device("cpu", measure_copy=False),
                "versions": versions(), "command": " ".join(["python -m benchmarks.ti_dpo_cost", *sys.argv[1:]]),
-               "steps": args.steps, "runs": runs, "floor": floor(runs)}
+               "steps": args.steps, "rounds": args.rounds, "runs": runs, "floor": floor(runs)}
     results["ratios"] = ratios(results["runs"])
     where = write_results(args, "ti-dpo-cost", results, markdown(results))
     print(markdown(results))

@@ -37,3 +37,22 @@ def test_bad_arguments_are_refused():
         ti_dpo_cost.main(["--variants", "dpo,kto"])
     with pytest.raises(SystemExit, match="--steps must be >= 2"):
         ti_dpo_cost.main(["--steps", "1"])
+
+
+def test_rounds_pool_every_timed_step():
+    def step(seconds):
+        return {"optimizer_step": seconds, "step": seconds - 0.5, "anchor_sampling": seconds / 2}
+
+    first = {"variant": "ti_dpo", "steps": [step(20.0), step(10.0), step(12.0)], "decode_step_s": 0.1,
+             "extra_peak_bytes": 1}
+    first["timed_steps"] = first["steps"][1:]
+    second = {**first, "steps": [step(30.0), step(8.0)], "decode_step_s": 0.3}
+    second["timed_steps"] = second["steps"][1:]
+    merged = ti_dpo_cost.pooled([first, second])
+    assert merged["rounds"] == 2 and len(merged["timed_steps"]) == 3 and len(merged["steps"]) == 5
+    assert merged["median_s"]["optimizer_step"] == 10.0  # median of 10, 12 and 8; warm-up steps left out
+    assert merged["median_s"]["anchor_sampling"] == 5.0
+    assert merged["median_s"]["loss_and_backward"] == pytest.approx(9.5 - 5.0)
+    assert merged["decode_step_s"] == pytest.approx(0.2)
+    with pytest.raises(SystemExit, match="--rounds must be >= 1"):
+        ti_dpo_cost.main(["--rounds", "0"])
