@@ -10,7 +10,16 @@ import logging
 
 import pytest
 import torch
-from transformers import DynamicCache, MistralConfig, MistralForCausalLM
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    CLIPVisionConfig,
+    DynamicCache,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MistralConfig,
+    MistralForCausalLM,
+)
 
 from tests.test_ti_attribution import ROWS, make_trainer, one_step
 from tests.test_training_semantics import tiny_llama
@@ -56,6 +65,7 @@ def test_the_continuation_after_a_prefix_cache_is_the_full_forward_with_its_grad
                          graph_from=0)
     assert cache.get_seq_length() == max(STARTS)
     attention = torch.cat([left_padding_mask(start, mask.dtype), rest["attention_mask"]], dim=1)
+    assert rest["input_ids"].shape[1] == max(length - first for length, first in zip(LENGTHS, STARTS, strict=True))
     cached = model(input_ids=rest["input_ids"], attention_mask=attention, position_ids=rest["position_ids"],
                    use_cache=True, **{cache_keyword(model): cache}).logits
     weights = torch.randn_like(full)
@@ -94,6 +104,20 @@ def test_sampling_from_a_prefix_cache_draws_what_generate_draws_after_its_own_pr
         assert torch.equal(got[name], tensor), name
     with pytest.raises(ValueError, match=r"cache must hold the contexts' first P - 1 = 6 columns, it holds 7"):
         sample_anchors(model, context, context_mask, cache=prefix_cache(forward, length), **settings)
+
+
+def test_each_layer_is_cut_on_its_own_device():
+    """A model split over devices (device_map) keeps each layer's cache where the layer runs ("meta" stands in
+    for a second device)."""
+    cache = DynamicCache()
+    states = torch.randn(2, 1, 5, 4)
+    cache.update(states, states, 0)
+    cache.update(states.to("meta"), states.to("meta"), 1)
+    cut = prefix_cache(cache, torch.tensor([3, 2]))
+    assert [layer.keys.device.type for layer in cut.layers] == ["cpu", "meta"]
+    torch.testing.assert_close(cut.layers[0].keys[0], states[0, :, :3])
+    torch.testing.assert_close(cut.layers[0].keys[1, :, 1:], states[1, :, :2])
+    assert (cut.layers[0].keys[1, :, 0] == 0).all()
 
 
 def test_only_a_plain_cache_is_cut():
@@ -148,6 +172,47 @@ def step_loss(trainer, model, pairs: int):
     with trainer._config_dropout.zeroed():  # as in train()
         batch = TrainingBatch(trainer, model, inputs)
         return batch, trainer.loss_spec.compute(batch).loss
+
+
+def tiny_llava():
+    """A CLIP vision tower (3 layers) before a Llama language model (4 layers), LoRA on the LM's last layer."""
+    torch.manual_seed(0)
+    vocab = gpt2_tokenizer().vocab_size + 1
+    text = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                       num_attention_heads=2, num_key_value_heads=1, pad_token_id=vocab - 2, eos_token_id=vocab - 2)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2,
+                              image_size=8, patch_size=4)
+    model = LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision,
+                                                      image_token_index=vocab - 1))
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = vocab - 2
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=r".*language_model.*layers\.3\..*(q|k|v)_proj"))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    return model
+
+
+def test_a_vision_tower_does_not_shift_the_layers_that_keep_their_graph(tmp_path):
+    """The decoder layers found (vision tower included) are not the cache's: every cache layer keeps its graph."""
+    settings = dict(gamma=1.0, anchor_max_new_tokens=4, dtype=torch.float64, make_model=tiny_llava)
+    (cached, cached_loss, cached_grads), (full, full_loss, full_grads) = (
+        one_step(tmp_path, shared, "top_logit", **settings) for shared in (True, False))
+    assert cached.reuses_prompt_cache and cached.trainer.frozen_prefix_gate.layer_count == 7
+    torch.testing.assert_close(cached_loss, full_loss, rtol=1e-10, atol=1e-12)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(cached_grads[name], grad, rtol=1e-9, atol=1e-12 * (1 + float(grad.abs().max())))
+
+
+def test_a_generation_config_with_its_own_cache_samples_with_a_prefill_and_says_so(tmp_path, caplog):
+    model = apply_lora(tiny_gpt2(seed=5), r=4, alpha=8)
+    model.generation_config.cache_implementation = "static"  # generate() refuses a given cache next to it
+    trainer = make_trainer(tmp_path, model, gamma=1.0, anchor_max_new_tokens=4)
+    with caplog.at_level(logging.INFO, logger="tidpo.trainer.trainer"):
+        batch, loss = step_loss(trainer, model, 2)
+    assert batch.reuses_prompt_cache and torch.isfinite(loss)
+    assert "TI-DPO anchors: sampled with a prefill (the policy's generation_config sets " \
+           "cache_implementation='static'" in caplog.text
 
 
 def test_a_separate_reference_model_lends_its_own_cache(tmp_path):

@@ -109,9 +109,10 @@ def make_trainer(tmp_path, model, **overrides):
 
 
 def one_step(tmp_path, shared: bool, target: str, last_layers: int | None = None, dtype=torch.float32,
-             **overrides):
-    """Weights, loss and LoRA gradients of one training micro-step on all pairs."""
-    model = lora_policy(last_layers).to(dtype)
+             make_model=None, **overrides):
+    """Weights, loss and LoRA gradients of one training micro-step on all pairs (of :func:`lora_policy`, or of
+    ``make_model()``)."""
+    model = (lora_policy(last_layers) if make_model is None else make_model()).to(dtype)
     trainer = make_trainer(tmp_path, model, ti_shared_forward=shared, ti_attribution_target=target, **overrides)
     inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))]))
     model.train()
@@ -150,8 +151,7 @@ def test_active_dropout_keeps_the_separate_pass_and_says_why(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="tidpo.trainer.trainer"):
         batch = TrainingBatch(trainer, model, inputs)
         assert not batch.shares_attribution_forward
-    assert "separate attribution pass, anchors without the loss's prompt cache (dropout is active in train " \
-           "mode" in caplog.text
+    assert "TI-DPO: a separate attribution pass (dropout is active in train mode" in caplog.text
     with torch.no_grad():  # evaluation never shares either: no graph to differentiate
         assert not TrainingBatch(trainer, model.eval(), inputs).shares_attribution_forward
 

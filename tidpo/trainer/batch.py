@@ -24,6 +24,7 @@ from tidpo.trainer.prompt_cache import (
     cache_keyword,
     continuation_inputs,
     is_plain_cache,
+    layer_count,
     left_padding_mask,
     prefix_cache,
     returned_cache,
@@ -270,7 +271,7 @@ class TrainingBatch:
         with self._timed("anchor_sampling"):
             context_length = prompt_length if prefix is None else prompt_length + prefix
             # The context's last token is run by generate(): it gives the first sampled token's logits.
-            generation_cache = prefix_cache(policy_cache, context_length - 1)
+            generation_cache = prefix_cache(self._generation_may_take(policy_cache), context_length - 1)
             sampled = sample_anchors(
                 trainer.accelerator.unwrap_model(self.model), context, context_mask, pad_token_id=pad_token_id,
                 eos_token_id=trainer.end_of_turn_ids, max_new_tokens=args.anchor_max_new_tokens,
@@ -296,14 +297,33 @@ class TrainingBatch:
         self.trainer.log_once(f"TI-DPO anchors: the prompt is run anew ({reason})")
         return None, None
 
+    def _generation_may_take(self, cache):
+        """``cache``, unless the policy's generation config names a cache of its own (``cache_implementation``,
+        which ``generate`` refuses next to a given cache): then ``None``, said once."""
+        policy = transformers_model(self.trainer.accelerator.unwrap_model(self.model))
+        implementation = getattr(getattr(policy, "generation_config", None), "cache_implementation", None)
+        if cache is None or implementation is None:
+            return cache
+        self.trainer.log_once(f"TI-DPO anchors: sampled with a prefill (the policy's generation_config sets "
+                              f"cache_implementation={implementation!r}, which generate() keeps to itself)")
+        return None
+
+    def _first_trained_cache_layer(self, cache) -> int:
+        """The first layer of the policy's cache whose keys and values a trained parameter reaches: the gate's
+        layer (LoRA on the last blocks), or 0 (all keep their graph) without a gate or where the decoder layers
+        found are not the cache's own (a vision-language model also counts its vision tower's)."""
+        gate = self.trainer.frozen_prefix_gate
+        if cache is None or gate.layer is None or gate.layer_count != layer_count(cache):
+            return 0
+        return gate.index
+
     def _score_anchor(self, sampled: dict[str, torch.Tensor], prompt_length: torch.Tensor, policy_cache,
                       reference_cache) -> TripletAnchor:
         """The anchor's policy logits (with gradients) and reference log-probs; from the prompt's last token on
         when both caches are given (the earlier columns predict no anchor token)."""
         trainer = self.trainer
         start = (prompt_length - 1).clamp(min=0)
-        # The policy's cache keeps its graph from the first layer that trains (the gate's, or 0 without one).
-        caches = (prefix_cache(policy_cache, start, graph_from=trainer.frozen_prefix_gate.index),
+        caches = (prefix_cache(policy_cache, start, graph_from=self._first_trained_cache_layer(policy_cache)),
                   prefix_cache(reference_cache, start))
         ids, mask, labels = sampled["input_ids"], sampled["attention_mask"], sampled["labels"]
         policy_extra = reference_extra = {}

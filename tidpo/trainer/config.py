@@ -141,11 +141,12 @@ class TokenWeightedDPOConfig(TrainingArguments):
         "shared shift)", choices=TARGETS))
     ti_shared_forward: bool = field(default=True, metadata=_help(
         "TI-DPO: take the attribution gradient from the loss's own policy forward (embeddings as autograd "
-        "leaves, graph retained), and the anchors' prompt keys/values from the loss's policy and reference "
-        "forwards (no prefill; the anchor is scored from the prompt's last token on), when that forward is "
-        "deterministic (no dropout active, no reentrant gradient checkpointing); --no-ti-shared-forward keeps "
-        "the separate eval-mode attribution pass and runs the anchors' prompts anew (less memory: the graph "
-        "down to the embeddings is not kept)"))
+        "leaves, graph retained) when that forward is deterministic (no dropout active, no reentrant gradient "
+        "checkpointing), and, under the same condition, the anchors' prompt keys/values from the loss's policy "
+        "and reference forwards (no prefill; the anchor is scored from the prompt's last token on; not under "
+        "any gradient checkpointing, which turns the cache off); --no-ti-shared-forward keeps the separate "
+        "eval-mode attribution pass and runs the anchors' prompts anew (less memory: the graph down to the "
+        "embeddings is not kept)"))
     importance_scope: str = field(default="response", metadata=_help(
         "TI-DPO weights over the response tokens (paper) | over the whole sequence (official code: sequence)",
         choices=SCOPES))

@@ -50,6 +50,11 @@ def is_plain_cache(cache) -> bool:
     return _layers(cache) is not None
 
 
+def layer_count(cache) -> int:
+    """The number of layers of a plain cache (:func:`is_plain_cache`)."""
+    return len(_layers(cache))
+
+
 def prefix_cache(cache, lengths: torch.Tensor, *, graph_from: int | None = None) -> DynamicCache | None:
     """Row ``i``'s first ``lengths[i]`` positions of ``cache``, right-aligned (left padding, zeros).
 
@@ -81,8 +86,10 @@ def prefix_cache(cache, lengths: torch.Tensor, *, graph_from: int | None = None)
         keep_graph = graph_from is not None and layer_index >= graph_from
         for states in (keys, values):
             states = states[:rows] if keep_graph else states[:rows].detach()
-            picked = states.gather(2, index.expand(-1, states.shape[1], -1, states.shape[3]))
-            gathered.append(torch.where(inside, picked, 0.0))
+            # A model split over devices (device_map) keeps each layer's cache on that layer's device.
+            on_device = index.to(states.device)
+            picked = states.gather(2, on_device.expand(-1, states.shape[1], -1, states.shape[3]))
+            gathered.append(torch.where(inside.to(states.device), picked, 0.0))
         out.update(*gathered, layer_index)
     return out
 
@@ -104,14 +111,16 @@ def continuation_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, l
             lengths ``start``.
 
     Returns:
-        ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, T - min(start)]`` and ``position_ids``
-        (``start[i] + j`` at column ``j``, held at ``T - 1`` on the padding past the row's end).
+        ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, C]`` (``C`` the longest row's tokens from its
+        ``start`` on) and ``position_ids``: ``start[i] + j`` at column ``j``, held at ``T - 1`` where that would
+        pass the rows' width ``T`` (padding).
     """
-    width = input_ids.shape[1] - int(start.min())
+    # As wide as the longest continuation: one short prompt must not widen every row.
+    width = int((attention_mask.long().sum(-1) - start).max())
     position = start[:, None] + torch.arange(width, device=start.device)[None, :]
     inside = position < input_ids.shape[1]
-    # Columns past a row's end are padding (masked); they repeat its last position rather than leave the
-    # model's position table.
+    # Columns past the rows' common width are padding (masked); they repeat the last position rather than leave
+    # the model's position table.
     position = position.clamp(max=input_ids.shape[1] - 1)
     kept = inside & attention_mask.gather(1, position).bool()
     return {"input_ids": torch.where(kept, input_ids.gather(1, position), torch.full_like(position, pad_token_id)),

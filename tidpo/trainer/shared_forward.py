@@ -55,10 +55,12 @@ class FrozenPrefixGate:
 
     def __init__(self, model: nn.Module):
         self.layer: nn.Module | None = None
-        #: The gated layer's index among the decoder layers (its key/value cache layer), or 0 without a gate.
+        #: The gated layer's index among the :func:`decoder_layers`, or 0 without a gate.
         self.index = 0
         self._state = _GateState()
         layers = decoder_layers(model)
+        #: How many :func:`decoder_layers` there are (a vision tower's count too, in a vision-language model).
+        self.layer_count = len(layers)
         trains = [any(p.requires_grad for p in layer.parameters()) for layer in layers]
         if not any(trains) or trains[0]:
             return

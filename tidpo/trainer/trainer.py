@@ -185,17 +185,18 @@ class TokenWeightedDPOTrainer(Trainer):
 
     def _policy_forward_shareable(self) -> bool:
         policy = self.accelerator.unwrap_model(self.model)
+        # What a forward that cannot be shared costs, for the log.
+        costs = [cost for cost, applies in (("a separate attribution pass", self.args.attributes_online),
+                                            ("the anchors' prompts run anew", self.args.samples_anchors)) if applies]
         dropout = active_dropout(policy)
         if dropout:
-            self.log_once(f"TI-DPO: separate attribution pass, anchors without the loss's prompt cache (dropout is "
-                          f"active in train mode: "
+            self.log_once(f"TI-DPO: {' and '.join(costs)} (dropout is active in train mode: "
                           f"{', '.join(dropout[:3])}{', ...' if len(dropout) > 3 else ''})")
             return False
         checkpointing = any(getattr(module, "gradient_checkpointing", False) is True for module in policy.modules())
         # transformers' default is the non-reentrant checkpoint, which autograd.grad can go through.
         if checkpointing and (self.args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
-            self.log_once("TI-DPO: separate attribution pass, anchors without the loss's prompt cache (reentrant "
-                          "gradient checkpointing; "
+            self.log_once(f"TI-DPO: {' and '.join(costs)} (reentrant gradient checkpointing; "
                           "gradient_checkpointing_kwargs={'use_reentrant': False} lets the forward be shared)")
             return False
         return True
