@@ -26,7 +26,7 @@ from torch import nn
 from tidpo._model_state import eval_mode
 from tidpo._validation import IGNORE_INDEX, check_int, check_number
 from tidpo.trainer.fused_head import transformers_model
-from tidpo.trainer.prompt_cache import cache_keyword
+from tidpo.trainer.prompt_cache import cache_keyword, right_aligned
 
 ANCHOR_SOURCES = ("prompt", "chosen")
 
@@ -65,10 +65,8 @@ def chosen_prefix_context(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     prefix = torch.floor(fraction * (response_len - 1).clamp(min=0).double()).long()
     context_len = prompt_len + prefix
     # One host read of the widest context: generate() synchronises on every token anyway.
-    width = int(context_len.max())
-    source = torch.arange(width, device=ids.device)[None, :] - (width - context_len)[:, None]
-    valid = source >= 0
-    context = torch.where(valid, ids.gather(1, source.clamp(min=0)), torch.full_like(source, pad_token_id))
+    source, valid = right_aligned(context_len)
+    context = torch.where(valid, ids.gather(1, source), torch.full_like(source, pad_token_id))
     return context, valid.to(attention_mask.dtype), prefix
 
 

@@ -44,12 +44,6 @@ def model_output(model: nn.Module, input_ids: torch.Tensor | None, attention_mas
     return model(**tokens, attention_mask=attention_mask, **extra, **forward_kwargs)
 
 
-def model_logits(model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *, fused: bool,
-                 inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-    """``.logits`` of :func:`model_output`."""
-    return model_output(model, input_ids, attention_mask, fused=fused, inputs_embeds=inputs_embeds).logits
-
-
 class TrainingBatch:
     """One collated batch (the :class:`~tidpo.data.PreferenceCollator` layout) seen through the trainer.
 
@@ -121,12 +115,10 @@ class TrainingBatch:
     def _forward(self, model: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor, *,
                  inputs_embeds: torch.Tensor | None = None, keep_cache: bool = False):
         """The policy's logits; with ``keep_cache`` its key/value cache is kept for the anchors."""
-        if not keep_cache:
-            return model_logits(model, input_ids, attention_mask, fused=self.args.fused_lm_head,
-                                inputs_embeds=inputs_embeds)
         output = model_output(model, input_ids, attention_mask, fused=self.args.fused_lm_head,
-                              inputs_embeds=inputs_embeds, use_cache=True)
-        self._caches["policy"] = returned_cache(output)
+                              inputs_embeds=inputs_embeds, use_cache=keep_cache)
+        if keep_cache:
+            self._caches["policy"] = returned_cache(output)
         return output.logits
 
     # -- reference ---------------------------------------------------------------------------------------
@@ -140,10 +132,10 @@ class TrainingBatch:
     def _reference(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    shift: torch.Tensor | None = None) -> torch.Tensor:
         """The reference's logits of the pair rows; its key/value cache is kept for the anchors (detached)."""
-        if not self.reuses_prompt_cache:
-            return self.trainer.reference_logits(input_ids, attention_mask, embedding_shift=shift)
-        output = self.trainer.reference_output(input_ids, attention_mask, embedding_shift=shift, use_cache=True)
-        self._caches["reference"] = returned_cache(output)
+        keep_cache = self.reuses_prompt_cache
+        output = self.trainer.reference_output(input_ids, attention_mask, embedding_shift=shift, use_cache=keep_cache)
+        if keep_cache:
+            self._caches["reference"] = returned_cache(output)
         return output.logits
 
     @cached_property

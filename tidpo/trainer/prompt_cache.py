@@ -55,6 +55,14 @@ def layer_count(cache) -> int:
     return len(_layers(cache))
 
 
+def right_aligned(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where rows of ``lengths[i]`` leading tokens land when right-aligned in a width ``W = max(lengths)`` (left
+    padding): ``[B, W]`` long source column (clamped to 0 on the padding) and bool ``[B, W]``, True on the tokens."""
+    width = int(lengths.max())  # one host read: the shape depends on it
+    source = torch.arange(width, device=lengths.device)[None, :] - (width - lengths)[:, None]
+    return source.clamp(min=0), source >= 0
+
+
 def prefix_cache(cache, lengths: torch.Tensor, *, graph_from: int | None = None) -> DynamicCache | None:
     """Row ``i``'s first ``lengths[i]`` positions of ``cache``, right-aligned (left padding, zeros).
 
@@ -75,10 +83,8 @@ def prefix_cache(cache, lengths: torch.Tensor, *, graph_from: int | None = None)
     layers = None if cache is None else _layers(cache)
     if layers is None:
         return None
-    width = int(lengths.max())  # one host read: the cache's shape depends on it
-    source = torch.arange(width, device=lengths.device)[None, :] - (width - lengths)[:, None]
-    inside = (source >= 0)[:, None, :, None]
-    index = source.clamp(min=0)[:, None, :, None]
+    source, inside = right_aligned(lengths)
+    index, inside = source[:, None, :, None], inside[:, None, :, None]
     out = DynamicCache()
     rows = lengths.shape[0]
     for layer_index, (keys, values) in enumerate(layers):
@@ -97,8 +103,7 @@ def prefix_cache(cache, lengths: torch.Tensor, *, graph_from: int | None = None)
 def left_padding_mask(lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``[B, max(lengths)]`` attention mask of a :func:`prefix_cache`: 1 on each row's last ``lengths[i]``
     columns."""
-    width = int(lengths.max())
-    return (torch.arange(width, device=lengths.device)[None, :] >= width - lengths[:, None]).to(dtype)
+    return right_aligned(lengths)[1].to(dtype)
 
 
 def continuation_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
